@@ -1,0 +1,154 @@
+"""Finding images and classes on disk, and reading them as RGB arrays.
+
+Everything that looks at the user's folders goes through here, so every bad-input case
+(missing folder, empty class, unreadable file, class mismatch) is reported in one way.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from detect_waste_cls.errors import UserInputError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
+SPLITS = ("train", "test", "pseudolabel")
+
+
+def is_image_file(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def load_rgb(path: str | Path) -> np.ndarray:
+    """Read an image as an HxWx3 uint8 array, upright (EXIF orientation applied).
+
+    Transparent images are composited on white rather than on whatever colour hides
+    under the alpha channel; CMYK, palette and grayscale images are converted to RGB.
+    """
+    try:
+        with Image.open(path) as image:
+            image = ImageOps.exif_transpose(image)
+            if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+                rgba = image.convert("RGBA")
+                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                image = Image.alpha_composite(background, rgba)
+            return np.asarray(image.convert("RGB"))
+    except (OSError, UnidentifiedImageError, ValueError) as error:
+        raise UserInputError(f"cannot read image {path}: {error}") from error
+
+
+def _is_readable_image(path: Path) -> bool:
+    """Cheap header check: catches empty, truncated-header and non-image files at scan time."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+        return width > 0 and height > 0
+    except (OSError, UnidentifiedImageError, ValueError):
+        return False
+
+
+@dataclass
+class ScanReport:
+    """Images found under a folder, plus the files that were skipped and why."""
+
+    paths: list[Path] = field(default_factory=list)
+    skipped: list[Path] = field(default_factory=list)
+
+    def warn_skipped(self, folder: Path) -> None:
+        if self.skipped:
+            shown = ", ".join(str(p) for p in self.skipped[:3])
+            more = f" and {len(self.skipped) - 3} more" if len(self.skipped) > 3 else ""
+            log.warning("skipped %d unreadable image(s) under %s: %s%s", len(self.skipped), folder, shown, more)
+
+
+def scan_images(folder: Path, recursive: bool = False) -> ScanReport:
+    """Image files in `folder` (case-insensitive extensions), unreadable ones skipped and counted."""
+    candidates = folder.rglob("*") if recursive else folder.iterdir()
+    report = ScanReport()
+    # Sorted by file name first so that renaming a class folder never reorders images.
+    for path in sorted((p for p in candidates if is_image_file(p)), key=lambda p: (p.name, str(p))):
+        (report.paths if _is_readable_image(path) else report.skipped).append(path)
+    return report
+
+
+def class_folders(folder: Path) -> list[str]:
+    """Sorted names of the visible subfolders of `folder`."""
+    if not folder.is_dir():
+        raise UserInputError(f"folder not found: {folder}")
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+@dataclass
+class LabeledImages:
+    """Images of a class-folder split, each with the index of its class in `classes`."""
+
+    paths: list[Path]
+    targets: list[int]
+    classes: list[str]
+    skipped: list[Path]
+
+    def class_counts(self) -> list[int]:
+        return np.bincount(np.asarray(self.targets, dtype=np.int64), minlength=len(self.classes)).tolist()
+
+
+def scan_labeled_folder(folder: Path, classes: list[str] | None = None) -> LabeledImages:
+    """Read a class-folder split.
+
+    With `classes=None` the split defines the classes (its sorted subfolders, each of which
+    must hold at least one image). Otherwise the split's subfolders must be a subset of
+    `classes`; an unknown one is an error naming it.
+    """
+    found = class_folders(folder)
+    if not found:
+        raise UserInputError(f"no class subfolders in {folder}: expected one folder per class")
+    defines_classes = classes is None
+    if defines_classes:
+        classes = found
+    unknown = [name for name in found if name not in classes]
+    if unknown:
+        raise UserInputError(
+            f"{folder} has class folder(s) {', '.join(unknown)} that are not among the known classes "
+            f"({', '.join(classes)})"
+        )
+    paths, targets, skipped = [], [], []
+    for name in found:
+        report = scan_images(folder / name)
+        report.warn_skipped(folder / name)
+        skipped += report.skipped
+        if not report.paths and defines_classes:
+            raise UserInputError(f"class folder {folder / name} holds no readable images")
+        paths += report.paths
+        targets += [classes.index(name)] * len(report.paths)
+    if not paths:
+        raise UserInputError(f"no readable images under {folder}")
+    return LabeledImages(paths, targets, list(classes), skipped)
+
+
+def resolve_images_square(data: str | Path) -> Path:
+    """Accept either a dataset root holding `images_square/` or the `images_square` folder itself."""
+    data = Path(data)
+    if (data / "images_square" / "train").is_dir():
+        return data / "images_square"
+    if (data / "train").is_dir():
+        return data
+    raise UserInputError(
+        f"no training data at {data}: expected {data}/images_square/train/<class>/ "
+        f"(or {data}/train/<class>/)"
+    )
+
+
+def resolve_test_folder(folder: str | Path) -> Path:
+    """For test mode: a dataset root, an images_square folder, or any folder of class subfolders."""
+    folder = Path(folder)
+    for candidate in (folder / "images_square" / "test", folder / "test"):
+        if candidate.is_dir():
+            return candidate
+    if not folder.is_dir():
+        raise UserInputError(f"folder not found: {folder}")
+    return folder

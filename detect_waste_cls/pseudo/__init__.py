@@ -1,0 +1,1 @@
+PSEUDO_MODES = ("none", "per_batch", "per_epoch")

@@ -1,0 +1,222 @@
+"""WasteDataModule: the images_square/{train,test,pseudolabel} tree as Lightning dataloaders."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Subset
+
+from detect_waste_cls.data.categories import (
+    LabeledImages,
+    resolve_images_square,
+    scan_images,
+    scan_labeled_folder,
+)
+from detect_waste_cls.data.datasets import ImageDataset
+from detect_waste_cls.data.samplers import EpochDrawSampler, inverse_frequency_weights
+from detect_waste_cls.data.transforms import EvalPreset, TrainPreset
+from detect_waste_cls.errors import UserInputError
+from detect_waste_cls.pseudo import PSEUDO_MODES
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PseudoImages:
+    """The pseudolabel split: image paths and, where class subfolders exist, their folder labels.
+
+    Folder labels (-1 where unknown) only measure pseudo-label accuracy; they never go into
+    a dataset, so they cannot reach a loss.
+    """
+
+    paths: list[Path]
+    folder_targets: list[int]
+
+
+def stratified_split(targets: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded per-class split of positions into (kept, carved); each class keeps at least one image."""
+    rng = np.random.default_rng(seed)
+    targets_array = np.asarray(targets)
+    kept, carved = [], []
+    for label in np.unique(targets_array):
+        positions = rng.permutation(np.flatnonzero(targets_array == label))
+        take = min(len(positions) - 1, max(1, round(len(positions) * fraction)))
+        carved += positions[:take].tolist()
+        kept += positions[take:].tolist()
+    return sorted(kept), sorted(carved)
+
+
+def _subset(images: LabeledImages, positions: list[int]) -> LabeledImages:
+    return LabeledImages(
+        [images.paths[i] for i in positions], [images.targets[i] for i in positions], images.classes, []
+    )
+
+
+def scan_pseudolabel_folder(folder: Path, classes: list[str]) -> PseudoImages:
+    """Images directly in `folder` and in any subfolders; a subfolder named after a class gives a folder label."""
+    report = scan_images(folder, recursive=True)
+    report.warn_skipped(folder)
+    folder_targets = [
+        classes.index(path.parent.name) if path.parent != folder and path.parent.name in classes else -1
+        for path in report.paths
+    ]
+    return PseudoImages(report.paths, folder_targets)
+
+
+@dataclass
+class DatasetLayout:
+    root: Path
+    classes: list[str]
+    train: LabeledImages
+    val: LabeledImages
+    test: LabeledImages | None
+    pseudo: PseudoImages | None
+
+    @classmethod
+    def discover(cls, data: str | Path, *, val_split: float = 0.1, seed: int = 0) -> DatasetLayout:
+        root = resolve_images_square(data)
+        train = scan_labeled_folder(root / "train")
+        classes = train.classes
+        test = scan_labeled_folder(root / "test", classes) if (root / "test").is_dir() else None
+        pseudo = scan_pseudolabel_folder(root / "pseudolabel", classes) if (root / "pseudolabel").is_dir() else None
+        if (root / "val").is_dir():
+            val = scan_labeled_folder(root / "val", classes)
+        elif val_split > 0:
+            kept, carved = stratified_split(train.targets, val_split, seed)
+            train, val = _subset(train, kept), _subset(train, carved)
+        elif test is not None:
+            log.warning("--val-split 0: validating on the test split, so test metrics are not held out")
+            val = test
+        else:
+            raise UserInputError(f"--val-split 0 needs a test split to validate on, and {root / 'test'} is missing")
+        return cls(root, classes, train, val, test, pseudo)
+
+    def describe(self) -> str:
+        parts = [f"{len(self.classes)} classes", f"train {len(self.train.paths)}", f"val {len(self.val.paths)}"]
+        parts.append(f"test {len(self.test.paths)}" if self.test else "no test split")
+        if self.pseudo:
+            parts.append(f"pseudolabel {len(self.pseudo.paths)}")
+        return f"{self.root}: " + ", ".join(parts)
+
+
+class WasteDataModule(pl.LightningDataModule):
+    """Labeled train/val/test loaders, plus a pseudolabel loader when pseudo-labeling is on.
+
+    The training loader is a dict {"labeled": ..., "pseudo": ...} that Lightning combines;
+    the pseudo side draws `pseudo_ratio` images per labeled image, and the labeled side
+    decides the epoch length.
+    """
+
+    def __init__(
+        self,
+        data: str | Path,
+        *,
+        image_size: int,
+        batch_size: int = 16,
+        eval_batch_size: int | None = None,
+        num_workers: int = 2,
+        val_split: float = 0.1,
+        weighted_sampler: bool = False,
+        seed: int = 0,
+        pseudo_mode: str = "none",
+        pseudo_ratio: float = 1.0,
+    ):
+        super().__init__()
+        if pseudo_mode not in PSEUDO_MODES:
+            raise UserInputError(f"unknown pseudo-labeling mode {pseudo_mode!r}; choose from {', '.join(PSEUDO_MODES)}")
+        self.layout = DatasetLayout.discover(data, val_split=val_split, seed=seed)
+        if pseudo_mode != "none" and not self.layout.pseudo:
+            raise UserInputError(f"--pseudo {pseudo_mode} needs unlabeled images in {self.layout.root / 'pseudolabel'}")
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or 4 * batch_size
+        self.num_workers = num_workers
+        self.weighted_sampler = weighted_sampler
+        self.seed = seed
+        self.pseudo_mode = pseudo_mode
+        self.pseudo_batch_size = max(1, round(batch_size * pseudo_ratio))
+        self.train_view = TrainPreset(size=image_size)
+        self.eval_view = EvalPreset(size=image_size)
+
+    @property
+    def classes(self) -> list[str]:
+        return self.layout.classes
+
+    def _loader(self, dataset, *, batch_size: int, shuffle: bool = False, sampler=None, drop_last: bool = False):
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            sampler=sampler,
+            drop_last=drop_last,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def _rank_and_world(self) -> tuple[int, int]:
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def labeled_dataset(self, images: LabeledImages, *, train: bool) -> ImageDataset:
+        view = self.train_view if train else self.eval_view
+        return ImageDataset(images.paths, {"image": view}, images.targets)
+
+    def pseudo_dataset(self, *, train: bool) -> ImageDataset:
+        """Training view (plus the eval view that per_batch labels from), or the eval view alone."""
+        views = {"image": self.eval_view}
+        if train:
+            views = {"image": self.train_view}
+            if self.pseudo_mode == "per_batch":
+                views["eval_image"] = self.eval_view
+        return ImageDataset(self.layout.pseudo.paths, views)
+
+    def train_dataloader(self):
+        rank, world = self._rank_and_world()
+        dataset = self.labeled_dataset(self.layout.train, train=True)
+        # A last batch of one image breaks batch norm, so drop the ragged tail when we can afford it.
+        drop_last = len(dataset) >= self.batch_size * world
+        sampler = None
+        if self.weighted_sampler:
+            weights = inverse_frequency_weights(self.layout.train.targets, len(self.classes))
+            sampler = EpochDrawSampler(
+                dataset, num_samples=len(dataset), weights=weights, num_replicas=world, rank=rank, seed=self.seed
+            )
+        loaders = {
+            "labeled": self._loader(
+                dataset, batch_size=self.batch_size, shuffle=sampler is None, sampler=sampler, drop_last=drop_last
+            )
+        }
+        if self.pseudo_mode != "none":
+            per_rank = math.ceil(len(dataset) / world)
+            labeled_batches = per_rank // self.batch_size if drop_last else math.ceil(per_rank / self.batch_size)
+            pseudo = self.pseudo_dataset(train=True)
+            pseudo_sampler = EpochDrawSampler(
+                pseudo,
+                num_samples=labeled_batches * self.pseudo_batch_size * world,
+                num_replicas=world,
+                rank=rank,
+                seed=self.seed + 1,
+            )
+            loaders["pseudo"] = self._loader(pseudo, batch_size=self.pseudo_batch_size, sampler=pseudo_sampler)
+        return loaders
+
+    def val_dataloader(self):
+        return self._loader(self.labeled_dataset(self.layout.val, train=False), batch_size=self.eval_batch_size)
+
+    def test_dataloader(self):
+        if self.layout.test is None:
+            raise UserInputError(f"no test split at {self.layout.root / 'test'}")
+        return self._loader(self.labeled_dataset(self.layout.test, train=False), batch_size=self.eval_batch_size)
+
+    def pseudo_inference_dataloader(self, rank: int = 0, world_size: int = 1) -> DataLoader:
+        """Eval-view loader over this rank's shard (every world_size-th image) of the pseudolabel split."""
+        dataset = self.pseudo_dataset(train=False)
+        shard = Subset(dataset, range(rank, len(dataset), world_size))
+        return self._loader(shard, batch_size=self.eval_batch_size)

@@ -1,0 +1,40 @@
+"""A map-style dataset over image paths that returns one or more transformed views of each image."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from detect_waste_cls.data.categories import load_rgb
+
+Transform = Callable[[np.ndarray], torch.Tensor]
+
+
+class ImageDataset(Dataset):
+    """Item `i` is {"index": i, <view name>: tensor for each view, "target": class index if known}.
+
+    The index travels with the batch so pseudo-labels can be looked up by image, never by
+    position in a shuffled batch. Pseudolabel datasets are built without targets, so folder
+    labels cannot reach a loss.
+    """
+
+    def __init__(self, paths: Sequence[Path], views: Mapping[str, Transform], targets: Sequence[int] | None = None):
+        if targets is not None and len(targets) != len(paths):
+            raise ValueError(f"{len(paths)} paths but {len(targets)} targets")
+        self.paths = list(paths)
+        self.views = dict(views)
+        self.targets = None if targets is None else list(targets)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict:
+        image = load_rgb(self.paths[index])
+        item = {"index": index, **{name: transform(image) for name, transform in self.views.items()}}
+        if self.targets is not None:
+            item["target"] = self.targets[index]
+        return item

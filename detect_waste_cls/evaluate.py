@@ -1,0 +1,104 @@
+"""Test mode: predictions, metrics, classification report, confusion matrix for a folder of class subfolders."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+from torchmetrics.classification import MulticlassConfusionMatrix  # noqa: E402
+from torchmetrics.functional.classification import (  # noqa: E402
+    multiclass_f1_score,
+    multiclass_precision,
+    multiclass_recall,
+)
+
+from detect_waste_cls.data.categories import resolve_test_folder, scan_labeled_folder  # noqa: E402
+from detect_waste_cls.data.datasets import ImageDataset  # noqa: E402
+from detect_waste_cls.data.transforms import EvalPreset  # noqa: E402
+from detect_waste_cls.models.classifier import load_classifier  # noqa: E402
+
+EVALUATION_FILES = ("metrics.json", "classification_report.txt", "confusion_matrix.png", "predictions.csv")
+
+
+def compute_metrics(targets: torch.Tensor, predictions: torch.Tensor, classes: Sequence[str]) -> dict:
+    """Accuracy, and balanced accuracy / macro F1 averaged over the classes present in `targets`.
+
+    A folder holding only some of the model's classes is scored on those classes alone;
+    predictions into the others still count as errors.
+    """
+    num_classes = len(classes)
+    per_class = {
+        "precision": multiclass_precision(predictions, targets, num_classes, average=None),
+        "recall": multiclass_recall(predictions, targets, num_classes, average=None),
+        "f1": multiclass_f1_score(predictions, targets, num_classes, average=None),
+    }
+    support = torch.bincount(targets, minlength=num_classes)
+    present = support > 0
+    return {
+        "accuracy": float((predictions == targets).float().mean()),
+        "balanced_accuracy": float(per_class["recall"][present].mean()),
+        "macro_f1": float(per_class["f1"][present].mean()),
+        "per_class": {
+            classes[i]: {**{name: float(values[i]) for name, values in per_class.items()}, "support": int(support[i])}
+            for i in torch.flatnonzero(present).tolist()
+        },
+        "classes": list(classes),
+        "num_images": len(targets),
+    }
+
+
+def format_report(metrics: dict) -> str:
+    table = pd.DataFrame(metrics["per_class"]).T[["precision", "recall", "f1", "support"]]
+    table["support"] = table["support"].astype(int)
+    summary = (
+        f"accuracy {metrics['accuracy']:.4f}   balanced accuracy {metrics['balanced_accuracy']:.4f}   "
+        f"macro F1 {metrics['macro_f1']:.4f}   ({metrics['num_images']} images)"
+    )
+    return table.to_string(float_format=lambda v: f"{v:.4f}") + "\n\n" + summary + "\n"
+
+
+def write_evaluation(
+    out_dir: Path, paths: Sequence[Path], targets: torch.Tensor, probabilities: torch.Tensor, classes: Sequence[str]
+) -> dict:
+    """Write metrics.json, classification_report.txt, confusion_matrix.png and predictions.csv into out_dir."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    confidence, predictions = probabilities.max(dim=1)
+    metrics = compute_metrics(targets, predictions, classes)
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (out_dir / "classification_report.txt").write_text(format_report(metrics))
+    confusion = MulticlassConfusionMatrix(len(classes))
+    confusion.update(predictions, targets)
+    figure, _ = confusion.plot(labels=list(classes))
+    figure.set_size_inches(1.2 * len(classes) + 3, 1.2 * len(classes) + 2)
+    figure.tight_layout()
+    figure.savefig(out_dir / "confusion_matrix.png", dpi=120)
+    plt.close(figure)
+    pd.DataFrame(
+        {
+            "path": [str(p) for p in paths],
+            "true": [classes[i] for i in targets.tolist()],
+            "predicted": [classes[i] for i in predictions.tolist()],
+            "confidence": confidence.tolist(),
+        }
+    ).to_csv(out_dir / "predictions.csv", index=False)
+    return metrics
+
+
+def evaluate_folder(
+    checkpoint: Path, folder: Path, out_dir: Path, *, batch_size: int = 64, num_workers: int = 0, device: str = "cpu"
+) -> dict:
+    """Score a checkpoint on a folder of class subfolders (only classes the checkpoint knows)."""
+    model = load_classifier(checkpoint).to(device)
+    images = scan_labeled_folder(resolve_test_folder(folder), model.classes)
+    dataset = ImageDataset(images.paths, {"image": EvalPreset(size=model.hparams.image_size)}, images.targets)
+    probabilities, indices = model.predict_loader(DataLoader(dataset, batch_size=batch_size, num_workers=num_workers))
+    order = indices.argsort()
+    return write_evaluation(out_dir, images.paths, torch.tensor(images.targets), probabilities[order], model.classes)

@@ -1,0 +1,39 @@
+"""Top-k predictions for a folder of images, written as a CSV."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+from torch.utils.data import DataLoader
+
+from detect_waste_cls.data.categories import scan_images
+from detect_waste_cls.data.datasets import ImageDataset
+from detect_waste_cls.data.transforms import EvalPreset
+from detect_waste_cls.errors import UserInputError
+from detect_waste_cls.models.classifier import load_classifier
+
+
+def predict_folder(checkpoint: Path, images: Path, out_csv: Path, *, batch_size: int = 64, top_k: int = 5) -> Path:
+    """One row per image: path, top-1 label and confidence, then the top-k labels and confidences."""
+    if out_csv.exists():
+        raise UserInputError(f"{out_csv} already exists; choose another --out")
+    if not images.is_dir():
+        raise UserInputError(f"folder not found: {images}")
+    model = load_classifier(checkpoint)
+    report = scan_images(images, recursive=True)
+    report.warn_skipped(images)
+    if not report.paths:
+        raise UserInputError(f"no readable images under {images}")
+    dataset = ImageDataset(report.paths, {"image": EvalPreset(size=model.hparams.image_size)})
+    probabilities, indices = model.predict_loader(DataLoader(dataset, batch_size=batch_size))
+    confidences, labels = probabilities[indices.argsort()].topk(min(top_k, len(model.classes)), dim=1)
+    rows = []
+    for path, label_row, confidence_row in zip(report.paths, labels.tolist(), confidences.tolist()):
+        row = {"path": str(path), "label": model.classes[label_row[0]], "confidence": confidence_row[0]}
+        for rank, (label, confidence) in enumerate(zip(label_row, confidence_row), start=1):
+            row[f"top{rank}_label"], row[f"top{rank}_confidence"] = model.classes[label], confidence
+        rows.append(row)
+    out_csv.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(out_csv, index=False)
+    return out_csv

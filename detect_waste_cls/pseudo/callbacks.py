@@ -1,0 +1,129 @@
+"""PseudoLabelRefresh: relabels the pseudolabel split per epoch or per batch, and owns the store."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+
+from detect_waste_cls.pseudo.store import PseudoLabelStore
+
+log = logging.getLogger(__name__)
+
+REFRESH_MODES = ("per_epoch", "per_batch")
+
+
+class PseudoLabelRefresh(pl.Callback):
+    """Keeps a PseudoLabelStore current and hands each training step the labels of its pseudo batch.
+
+    per_epoch: at the start of each epoch from `start_epoch` on, the current model (eval
+    mode, eval transforms) predicts the whole pseudolabel split; under DDP each rank
+    predicts a shard and the shards are gathered, so every rank holds the same store.
+    per_batch: right before each training step, the model labels that step's pseudo batch
+    from its eval view; the labels of all ranks are gathered into every rank's store.
+    """
+
+    def __init__(self, mode: str, *, start_epoch: int = 0, output_csv: Path | None = None):
+        if mode not in REFRESH_MODES:
+            raise ValueError(f"unknown refresh mode {mode!r}; choose from {', '.join(REFRESH_MODES)}")
+        self.mode = mode
+        self.start_epoch = start_epoch
+        self.output_csv = output_csv
+        self.store: PseudoLabelStore | None = None
+        self._restored_state: dict | None = None
+        self._inference_loader = None
+        self._changed = self._seen = 0
+
+    @property
+    def state_key(self) -> str:
+        return f"PseudoLabelRefresh[{self.mode}]"
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        pseudo = trainer.datamodule.layout.pseudo
+        self.paths, self.classes = pseudo.paths, trainer.datamodule.classes
+        self.folder_targets = torch.tensor(pseudo.folder_targets, dtype=torch.long)
+        self.store = PseudoLabelStore(len(pseudo.paths))
+        if self._restored_state is not None:
+            self.store.load_state_dict(self._restored_state)
+
+    def state_dict(self) -> dict:
+        return {"store": self.store.state_dict()} if self.store is not None else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if "store" not in state_dict:
+            return
+        self._restored_state = state_dict["store"]
+        if self.store is not None:
+            self.store.load_state_dict(self._restored_state)
+
+    def _gather(self, pl_module: pl.LightningModule, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        """Concatenate each tensor across ranks; rows whose index (the first tensor) is -1 are padding."""
+        if pl_module.trainer.world_size == 1:
+            return list(tensors)
+        # Shards differ in length by at most one, and all_gather needs equal shapes.
+        length = torch.tensor([len(tensors[0])], device=pl_module.device)
+        longest = int(pl_module.all_gather(length).max())
+        padded = []
+        for tensor in tensors:
+            pad = torch.full((longest - len(tensor),), -1, dtype=tensor.dtype)
+            padded.append(torch.cat([tensor.cpu(), pad]).to(pl_module.device))
+        gathered = [pl_module.all_gather(t).reshape(-1).cpu() for t in padded]
+        keep = gathered[0] >= 0
+        return [t[keep] for t in gathered]
+
+    def _label(self, trainer, pl_module, batches) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        with trainer.precision_plugin.forward_context():
+            probabilities, indices = pl_module.predict_loader(batches)
+        confidence, labels = probabilities.max(dim=1)
+        return self._gather(pl_module, indices, labels, confidence)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._changed = self._seen = 0
+        if self.mode != "per_epoch" or trainer.current_epoch < self.start_epoch:
+            return
+        if self._inference_loader is None:
+            self._inference_loader = trainer.datamodule.pseudo_inference_dataloader(trainer.global_rank, trainer.world_size)
+        indices, labels, confidence = self._label(trainer, pl_module, self._inference_loader)
+        self._changed = self.store.update(indices, labels, confidence, trainer.current_epoch)
+        self._seen = len(indices)
+        self._log_store(trainer)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
+        pseudo = batch.get("pseudo")
+        if pseudo is None:
+            return
+        if self.mode == "per_batch" and trainer.current_epoch >= self.start_epoch:
+            indices, labels, confidence = self._label(
+                trainer, pl_module, [{"image": pseudo["eval_image"], "index": pseudo["index"]}]
+            )
+            self._changed += self.store.update(indices, labels, confidence, trainer.current_epoch)
+            self._seen += len(indices)
+        labels, confidence = self.store.lookup(pseudo["index"])
+        pseudo["label"], pseudo["confidence"] = labels.to(pl_module.device), confidence.to(pl_module.device)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.mode == "per_batch" and self._seen:
+            self._log_store(trainer)
+
+    def store_metrics(self) -> dict[str, float]:
+        metrics = {"pseudo/label_changes": self._changed / max(1, self._seen)}
+        for name, count in zip(self.classes, self.store.class_counts(len(self.classes))):
+            metrics[f"pseudo/count/{name}"] = float(count)
+        accuracy = self.store.accuracy(self.folder_targets)
+        if accuracy is not None:
+            metrics["pseudo/accuracy"] = accuracy
+        return metrics
+
+    def _log_store(self, trainer: pl.Trainer) -> None:
+        if not trainer.is_global_zero:
+            return
+        metrics = {**self.store_metrics(), "epoch": trainer.current_epoch}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero and self.output_csv is not None:
+            self.store.to_frame(self.paths, self.classes).to_csv(self.output_csv, index=False)
+            log.info("pseudo-labels written to %s", self.output_csv)

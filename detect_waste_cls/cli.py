@@ -159,8 +159,18 @@ def dispatch(args: argparse.Namespace) -> None:
         run_training(args)
 
 
+def configure_logging() -> None:
+    """Our own messages on stderr; Lightning's loggers keep the handlers they set up themselves."""
+    package_log = logging.getLogger("detect_waste_cls")
+    if not package_log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        package_log.addHandler(handler)
+        package_log.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None, default_model: str = "efficientnet-b0") -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    configure_logging()
     args = build_parser(default_model).parse_args(argv)
     try:
         dispatch(args)

@@ -48,7 +48,7 @@ def compute_metrics(targets: torch.Tensor, predictions: torch.Tensor, classes: S
         "macro_f1": float(per_class["f1"][present].mean()),
         "per_class": {
             classes[i]: {**{name: float(values[i]) for name, values in per_class.items()}, "support": int(support[i])}
-            for i in torch.flatnonzero(present).tolist()
+            for i in present.nonzero().flatten().tolist()
         },
         "classes": list(classes),
         "num_images": len(targets),

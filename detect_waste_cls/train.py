@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import warnings
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -22,9 +23,12 @@ from detect_waste_cls.evaluate import evaluate_folder, format_report
 from detect_waste_cls.models.backbones import get_backbone
 from detect_waste_cls.models.classifier import LitterClassifier
 from detect_waste_cls.pseudo.callbacks import PseudoLabelRefresh
-from detect_waste_cls.tracking import build_loggers, log_evaluation
+from detect_waste_cls.tracking import NeptuneLogger, build_loggers, log_evaluation
 
 log = logging.getLogger(__name__)
+
+# The run folder already holds config.json when the CSV logger first looks at it.
+warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
 
 # DDP re-launches this program once per extra rank; they find the run folder rank 0 chose here.
 RUN_DIR_ENV = "DETECT_WASTE_CLS_RUN_DIR"
@@ -102,13 +106,13 @@ def build_datamodule(args: argparse.Namespace, image_size: int) -> WasteDataModu
 
 def run_training(args: argparse.Namespace, extra_callbacks: Sequence[pl.Callback] = ()) -> Path | None:
     """Train, then evaluate the best checkpoint on the test split. Returns the run folder on rank 0."""
+    devices = device_settings(args)
     pl.seed_everything(args.seed, workers=True, verbose=False)
     image_size = args.img_size or get_backbone(args.model).image_size
     datamodule = build_datamodule(args, image_size)
     log.info("data: %s", datamodule.layout.describe())
     if args.resume:
         check_checkpoint_classes(args.resume, datamodule.classes)
-    devices = device_settings(args)
     run_dir = create_run_dir(args.out, args.model)
     model = LitterClassifier(
         model_name=args.model,
@@ -161,18 +165,26 @@ def run_training(args: argparse.Namespace, extra_callbacks: Sequence[pl.Callback
         os.environ.pop(RUN_DIR_ENV, None)
     if not trainer.is_global_zero:
         return None
+    report_run(trainer, datamodule, loggers, Path(checkpoints.best_model_path or checkpoints.last_model_path), run_dir)
+    return run_dir
+
+
+def report_run(trainer: pl.Trainer, datamodule: WasteDataModule, loggers, best: Path, run_dir: Path) -> None:
+    """Rank 0, after training: curves, then the best checkpoint scored on the test split, sent to every logger."""
     if (run_dir / "metrics.csv").is_file():
         plot_training_curves(run_dir / "metrics.csv", run_dir / "training_curves.png")
-    best = checkpoints.best_model_path or checkpoints.last_model_path
     if datamodule.layout.test is None:
         log.warning("no test split at %s: skipped the final evaluation", datamodule.layout.root / "test")
-        return run_dir
-    # One process, every test image once: DDP samplers would pad and duplicate images.
-    metrics = evaluate_folder(
-        Path(best), datamodule.layout.root / "test", run_dir,
-        batch_size=datamodule.eval_batch_size, num_workers=args.num_workers, device=trainer.strategy.root_device,
-    )
-    log_evaluation(loggers, metrics, {name: run_dir / f for name, f in
-                                      (("confusion_matrix", "confusion_matrix.png"), ("classification_report", "classification_report.txt"))})
-    print(f"\ntest metrics of {best}:\n{format_report(metrics)}\nrun folder: {run_dir}")
-    return run_dir
+    else:
+        # One process, every test image once: DDP samplers would pad and duplicate images.
+        metrics = evaluate_folder(
+            best, datamodule.layout.root / "test", run_dir, batch_size=datamodule.eval_batch_size,
+            num_workers=datamodule.num_workers, device=trainer.strategy.root_device,
+        )
+        artifacts = {"confusion_matrix": run_dir / "confusion_matrix.png",
+                     "classification_report": run_dir / "classification_report.txt"}
+        log_evaluation(loggers, metrics, artifacts, step=trainer.global_step)
+        print(f"\ntest metrics of {best}:\n{format_report(metrics)}\nrun folder: {run_dir}")
+    for logger in loggers:
+        if isinstance(logger, NeptuneLogger):
+            logger.close()

@@ -1,0 +1,391 @@
+"""Build `images_square/{train,test,pseudolabel}` from class folders or from COCO boxes.
+
+Both entry points refuse to replace earlier output unless asked, and then remove only what
+they themselves create, so other files the user keeps in the destination are never touched.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import shutil
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from detect_waste_cls.data.categories import IMAGE_EXTENSIONS, class_folders, load_rgb, scan_images
+from detect_waste_cls.errors import UserInputError
+
+log = logging.getLogger(__name__)
+
+IMAGES_DIR = "images_square"
+MANIFEST = "manifest.csv"
+COCO_SPLITS = ("train", "test", "pseudolabel")
+
+# TACO category name -> detect-waste class, as listed in utils/dataset_converter.py of
+# github.com/wimlds-trojmiasto/detect-waste (used by its classifier/cut_bbox_litter.py).
+# Names are matched ignoring letter case, which also covers the original's duplicate
+# spellings ("Plastic Film", "Food can"); "Rope" is its alias for "Rope & strings".
+_DETECTWASTE_CLASSES = {
+    "bio": ["Food waste"],
+    "glass": ["Glass bottle", "Broken glass", "Glass jar"],
+    "metals_and_plastic": [
+        "Aluminium foil", "Clear plastic bottle", "Other plastic bottle", "Plastic bottle cap",
+        "Metal bottle cap", "Aerosol", "Drink can", "Food Can", "Drink carton",
+        "Disposable plastic cup", "Other plastic cup", "Plastic lid", "Metal lid",
+        "Single-use carrier bag", "Polypropylene bag", "Plastic film", "Six pack rings",
+        "Spread tub", "Tupperware", "Disposable food container", "Other plastic container",
+        "Plastic glooves", "Plastic utensils", "Pop tab", "Scrap metal", "Plastic straw",
+        "Other plastic", "Crisp packet",
+    ],
+    "non_recyclable": [
+        "Aluminium blister pack", "Carded blister pack", "Meal carton", "Pizza box", "Cigarette",
+        "Paper cup", "Foam cup", "Glass cup", "Wrapping paper", "Magazine paper", "Garbage bag",
+        "Plastified paper bag", "Other plastic wrapper", "Foam food container", "Rope",
+        "Rope & strings", "Shoe", "Squeezable tube", "Paper straw", "Styrofoam piece", "Tissues",
+    ],
+    "other": ["Battery"],
+    "paper": ["Corrugated carton", "Egg carton", "Toilet tube", "Other carton", "Normal paper", "Paper bag"],
+    "unknown": ["Unlabeled litter"],
+}
+DETECTWASTE_MAPPING: dict[str, str] = {
+    name: cls for cls, names in _DETECTWASTE_CLASSES.items() for name in names
+}
+# detect-waste's own annotation files already use the seven class names as categories.
+DETECTWASTE_MAPPING.update({cls: cls for cls in _DETECTWASTE_CLASSES})
+
+
+# ---------------------------------------------------------------- shared helpers
+
+
+def _claim_outputs(paths: list[Path], overwrite: bool) -> None:
+    existing = [path for path in paths if path.exists() or path.is_symlink()]
+    if existing and not overwrite:
+        raise UserInputError(f"{existing[0]} already exists: pass --overwrite to replace it")
+    for path in existing:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def _refuse_overlap(source: Path, output: Path, *, output_inside_source_ok: bool) -> None:
+    """--overwrite deletes `output`, so it must never hold the input; and an output inside a
+    class-folder input would be read back as one more class."""
+    if source.resolve().is_relative_to(output.resolve()):
+        raise UserInputError(f"input {source} lies inside the output {output}: choose another destination")
+    if not output_inside_source_ok and output.resolve().is_relative_to(source.resolve()):
+        raise UserInputError(f"output {output} lies inside the input {source}: choose another destination")
+
+
+def _save_image(image: Image.Image, path: Path) -> None:
+    suffix = path.suffix.lower()
+    if suffix in (".jpg", ".jpeg"):
+        image.save(path, quality=95)
+    elif suffix == ".webp":
+        image.save(path, lossless=True)  # PIL's default WebP is lossy
+    else:
+        image.save(path)
+
+
+def _load_json(path: Path, what: str) -> object:
+    if not path.is_file():
+        raise UserInputError(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UserInputError(f"{what} {path} is not valid JSON: {error}") from error
+
+
+# ---------------------------------------------------------------- class folders -> splits
+
+
+def split_dataset(
+    src: str | Path, dst: str | Path, *, test: float = 0.2, pseudo: float = 0.6, val: float = 0.0,
+    keep_pseudo_labels: bool = False, square: bool = False, size: int | None = None,
+    link: bool = False, seed: int = 0, overwrite: bool = False,
+) -> pd.DataFrame:
+    """Split `src/<class>/*` into `dst/images_square/<split>/`, stratified and seeded.
+
+    Writes and returns the manifest (source, split, class, path relative to dst).
+    """
+    src, dst = Path(src), Path(dst)
+    shares = {"test": test, "pseudolabel": pseudo, "val": val}
+    _check_split_options(shares, square, size, link)
+    images_by_class = _scan_classes(src)
+    _refuse_overlap(src, dst / IMAGES_DIR, output_inside_source_ok=False)
+    _claim_outputs([dst / IMAGES_DIR, dst / MANIFEST], overwrite)
+
+    rows = []
+    for cls, paths in images_by_class.items():
+        # Seeding per class keeps a class's split unchanged when other classes are added.
+        for split, path in _assign_splits(paths, shares, random.Random(f"{seed}:{cls}"), cls):
+            rows.append({"source": str(path.absolute()), "split": split, "class": cls})
+    manifest = pd.DataFrame(rows, columns=["source", "split", "class"])
+    manifest["path"] = _output_paths(manifest, keep_pseudo_labels)
+    manifest = _write_split_files(manifest, dst, square, size, link)
+    manifest.to_csv(dst / MANIFEST, index=False)
+    counts = manifest["split"].value_counts().to_dict()
+    log.info("wrote %d images to %s: %s", len(manifest), dst / IMAGES_DIR, counts)
+    return manifest
+
+
+def _check_split_options(shares: dict[str, float], square: bool, size: int | None, link: bool) -> None:
+    for split, share in shares.items():
+        if not 0 <= share < 1:  # also rejects NaN
+            raise UserInputError(f"the {split} share must be in [0, 1), got {share}")
+    if sum(shares.values()) >= 1:
+        raise UserInputError(f"test + pseudo + val shares must sum below 1 (train gets the rest): {shares}")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise UserInputError(f"size must be a positive number of pixels, got {size}")
+    if link and (square or size):
+        raise UserInputError("link cannot be combined with square/size: a symlink cannot hold a resized image")
+
+
+def _scan_classes(src: Path) -> dict[str, list[Path]]:
+    classes = class_folders(src)
+    if not classes:
+        raise UserInputError(f"no class subfolders in {src}: expected {src}/<class>/<image files>")
+    images_by_class = {}
+    for cls in classes:
+        report = scan_images(src / cls)
+        report.warn_skipped(src / cls)
+        if not report.paths:
+            raise UserInputError(f"class folder {src / cls} holds no readable images")
+        images_by_class[cls] = report.paths
+    return images_by_class
+
+
+def _assign_splits(
+    paths: list[Path], shares: dict[str, float], rng: random.Random, cls: str
+) -> list[tuple[str, Path]]:
+    order = list(paths)
+    rng.shuffle(order)
+    assigned, start = [], 0
+    for split, share in shares.items():
+        # Round half up; capped so rounding in tiny classes never hands out more than exist.
+        count = min(int(len(order) * share + 0.5), len(order) - start)
+        assigned += [(split, path) for path in order[start : start + count]]
+        start += count
+    if start == len(order):
+        log.warning("class %s gets no training images (%d in total): lower the shares", cls, len(order))
+    return assigned + [("train", path) for path in order[start:]]
+
+
+def _output_paths(manifest: pd.DataFrame, keep_pseudo_labels: bool) -> list[str]:
+    names = [Path(source).name for source in manifest["source"]]
+    flat = [split == "pseudolabel" and not keep_pseudo_labels for split in manifest["split"]]
+    flat_names = iter(_unique_names([name for name, is_flat in zip(names, flat) if is_flat]))
+    paths = []
+    for name, is_flat, split, cls in zip(names, flat, manifest["split"], manifest["class"]):
+        folder = f"{IMAGES_DIR}/{split}" if is_flat else f"{IMAGES_DIR}/{split}/{cls}"
+        paths.append(f"{folder}/{next(flat_names) if is_flat else name}")
+    return paths
+
+
+def _unique_names(names: list[str]) -> list[str]:
+    """Keep names that occur once; number the others so no file replaces another.
+
+    Compared ignoring case, since on macOS and Windows `A.jpg` and `a.jpg` are one file.
+    """
+    counts = Counter(name.casefold() for name in names)
+    taken = {name.casefold() for name in names if counts[name.casefold()] == 1}
+    unique = []
+    for name in names:
+        if counts[name.casefold()] > 1:
+            stem, suffix, number = Path(name).stem, Path(name).suffix, 1
+            while f"{stem}_{number}{suffix}".casefold() in taken:
+                number += 1
+            name = f"{stem}_{number}{suffix}"
+            taken.add(name.casefold())
+        unique.append(name)
+    return unique
+
+
+def _write_split_files(
+    manifest: pd.DataFrame, dst: Path, square: bool, size: int | None, link: bool
+) -> pd.DataFrame:
+    unreadable = []
+    for row in manifest.itertuples():
+        target = dst / row.path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if link:
+            target.symlink_to(row.source)
+        elif square or size:
+            try:
+                _save_image(_reshape(load_rgb(row.source), square, size), target)
+            except UserInputError:  # passed the header check at scan time, but does not decode
+                unreadable.append(row.Index)
+        else:
+            shutil.copy2(row.source, target)
+    if unreadable:
+        shown = ", ".join(manifest.loc[unreadable[:3], "source"])
+        log.warning("skipped %d image(s) that could not be decoded: %s", len(unreadable), shown)
+    return manifest.drop(index=unreadable).reset_index(drop=True)
+
+
+def _reshape(pixels: np.ndarray, square: bool, size: int | None) -> Image.Image:
+    image = Image.fromarray(pixels)
+    if square:
+        side = max(image.size)
+        canvas = Image.new("RGB", (side, side))
+        canvas.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+        image = canvas
+    if size:
+        scale = size / max(image.size)
+        new_size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        image = image.resize(new_size, Image.Resampling.LANCZOS)
+    return image
+
+
+# ---------------------------------------------------------------- COCO boxes -> crops
+
+
+@dataclass
+class CropReport:
+    written: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    per_class: dict[str, int] = field(default_factory=dict)
+
+    def skip(self, reason: str, count: int = 1) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + count
+
+    def summary(self) -> str:
+        classes = ", ".join(f"{cls} {n}" for cls, n in sorted(self.per_class.items()))
+        reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(self.skipped.items()))
+        skipped = sum(self.skipped.values())
+        return f"wrote {self.written} crops ({classes or 'none'}); skipped {skipped} ({reasons or 'none'})"
+
+
+def crop_coco(
+    annotations: str | Path, images: str | Path, dst: str | Path, *, square: bool = False,
+    zoom: float = 1.0, mapping: str | Path = "detectwaste", split: str = "train", overwrite: bool = False,
+) -> CropReport:
+    """Crop every mapped COCO box into `dst/images_square/<split>/<class>/<stem>_<annotation id><ext>`."""
+    annotations, images, dst = Path(annotations), Path(images), Path(dst)
+    if split not in COCO_SPLITS:
+        raise UserInputError(f"split must be one of {', '.join(COCO_SPLITS)}, got {split!r}")
+    if not (math.isfinite(zoom) and zoom > 0):
+        raise UserInputError(f"zoom must be a positive number, got {zoom}")
+    if not images.is_dir():
+        raise UserInputError(f"image folder not found: {images}")
+    images_by_id, category_names, coco_annotations = _load_coco(annotations)
+    class_of = _resolve_mapping(mapping, category_names.values(), annotations)
+    out_dir = dst / IMAGES_DIR / split
+    _refuse_overlap(images, out_dir, output_inside_source_ok=True)
+    _claim_outputs([out_dir], overwrite)
+
+    report = CropReport()
+    boxes_by_image = defaultdict(list)
+    for annotation in coco_annotations:
+        name = category_names.get(annotation.get("category_id"))
+        cls = None if name is None else class_of.get(str(name).casefold())
+        if cls is None:
+            report.skip("unmapped")
+        elif annotation.get("image_id") not in images_by_id:
+            report.skip("unknown_image_id")
+        else:
+            boxes_by_image[annotation["image_id"]].append((annotation, cls))
+    for image_id, boxes in boxes_by_image.items():
+        flat = split == "pseudolabel"
+        _crop_image(images, images_by_id[image_id], boxes, out_dir, flat, square, zoom, report)
+    if report.skipped:
+        skipped = sum(report.skipped.values())
+        log.warning("skipped %d annotation(s) from %s: %s", skipped, annotations, report.skipped)
+    log.info("%s", report.summary())
+    return report
+
+
+def _load_coco(path: Path) -> tuple[dict, dict, list[dict]]:
+    coco = _load_json(path, "annotation file")
+    try:
+        images_by_id = {image["id"]: image for image in coco["images"] if image["file_name"]}
+        category_names = {category["id"]: category["name"] for category in coco["categories"]}
+        return images_by_id, category_names, list(coco["annotations"])
+    except (KeyError, TypeError) as error:
+        raise UserInputError(f"{path} is not a COCO detection file (missing {error})") from error
+
+
+def _resolve_mapping(mapping: str | Path, category_names, annotations: Path) -> dict[str, str]:
+    """Category name (case-folded) -> class."""
+    if mapping == "detectwaste":
+        pairs, source = DETECTWASTE_MAPPING, "built-in mapping"
+    elif mapping == "none":
+        pairs, source = {name: name for name in category_names}, annotations
+    else:
+        pairs, source = _load_json(Path(mapping), "mapping file"), mapping
+        if not isinstance(pairs, dict):
+            raise UserInputError(f"mapping file {mapping} must hold a JSON object: category name -> class")
+    folded: dict[str, str] = {}
+    for name, cls in pairs.items():
+        if not isinstance(cls, str) or not cls.strip() or cls.startswith(".") or "/" in cls or "\\" in cls:
+            raise UserInputError(f"{source}: {cls!r} cannot be used as a class folder name")
+        if folded.setdefault(str(name).casefold(), cls) != cls:
+            raise UserInputError(f"{source}: category {name!r} is mapped to two classes (names differ in case)")
+    return folded
+
+
+def _crop_image(images: Path, image: dict, boxes: list[tuple[dict, str]], out_dir: Path, flat: bool,
+                square: bool, zoom: float, report: CropReport) -> None:
+    path = images / image["file_name"]
+    if not path.is_file():
+        report.skip("missing_image", len(boxes))
+        return
+    try:
+        pixels = load_rgb(path)
+    except UserInputError:
+        report.skip("unreadable_image", len(boxes))
+        return
+    height, width = pixels.shape[:2]
+    # Boxes drawn on another orientation or resolution than the upright image would crop
+    # the wrong pixels without any error, so such images are skipped instead.
+    if image.get("width", width) != width or image.get("height", height) != height:
+        report.skip("image_size_mismatch", len(boxes))
+        return
+    # A crop must be findable by the training data scan, so odd formats are stored as PNG.
+    suffix = path.suffix if path.suffix.lower() in IMAGE_EXTENSIONS else ".png"
+    for annotation, cls in boxes:
+        box = _expand_box(annotation.get("bbox"), square, zoom)
+        clipped = _clip_box(box, width, height) if box else None
+        if box is None or clipped is None:
+            report.skip("invalid_box" if box is None else "outside_image")
+            continue
+        target = (out_dir if flat else out_dir / cls) / f"{path.stem}_{annotation.get('id')}{suffix}"
+        if target.exists():  # a repeated annotation id must not replace an earlier crop
+            report.skip("duplicate_annotation_id")
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        left, top, right, bottom = clipped
+        _save_image(Image.fromarray(pixels[top:bottom, left:right]), target)
+        report.written += 1
+        report.per_class[cls] = report.per_class.get(cls, 0) + 1
+
+
+def _expand_box(bbox: object, square: bool, zoom: float) -> tuple[float, float, float, float] | None:
+    """COCO [x, y, w, h] -> (left, top, right, bottom), zoomed and squared about its centre."""
+    try:
+        x, y, w, h = (float(value) for value in bbox)
+    except (TypeError, ValueError):
+        return None
+    if not all(math.isfinite(value) for value in (x, y, w, h)) or w <= 0 or h <= 0:
+        return None
+    centre_x, centre_y = x + w / 2, y + h / 2
+    w, h = w * zoom, h * zoom
+    if square:
+        w = h = max(w, h)
+    return centre_x - w / 2, centre_y - h / 2, centre_x + w / 2, centre_y + h / 2
+
+
+def _clip_box(box: tuple[float, ...], width: int, height: int) -> tuple[int, int, int, int] | None:
+    """Clip to the image, then round outwards so the crop holds every pixel the box touches."""
+    left, top, right, bottom = box
+    left, right = (min(max(value, 0.0), width) for value in (left, right))
+    top, bottom = (min(max(value, 0.0), height) for value in (top, bottom))
+    left, top, right, bottom = math.floor(left), math.floor(top), math.ceil(right), math.ceil(bottom)
+    return (left, top, right, bottom) if right > left and bottom > top else None

@@ -1,0 +1,112 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import COLOURS, make_tree, write_image
+from detect_waste_cls.data.categories import load_rgb, resolve_images_square, scan_labeled_folder
+from detect_waste_cls.data.datamodule import DatasetLayout, WasteDataModule
+from detect_waste_cls.errors import UserInputError
+
+
+def test_classes_are_sorted_train_subfolders_and_test_may_hold_a_subset(tmp_path):
+    root = make_tree(tmp_path, {"train": {"paper": 2, "glass": 2, "metal": 2}, "test": {"metal": 1}})
+    layout = DatasetLayout.discover(root, val_split=0)
+    assert layout.classes == ["glass", "metal", "paper"]
+    assert layout.test.targets == [1]
+
+
+def test_test_class_missing_from_train_is_an_error_naming_it(tmp_path):
+    root = make_tree(tmp_path, {"train": {"glass": 2, "metal": 2}, "test": {"paper": 1}})
+    with pytest.raises(UserInputError, match="paper"):
+        DatasetLayout.discover(root)
+
+
+def test_data_may_point_at_root_or_images_square(tiny_tree):
+    assert resolve_images_square(tiny_tree) == resolve_images_square(tiny_tree / "images_square")
+
+
+def test_missing_and_empty_folders_are_named(tmp_path):
+    with pytest.raises(UserInputError, match=str(tmp_path / "nowhere")):
+        resolve_images_square(tmp_path / "nowhere")
+    root = make_tree(tmp_path, {"train": {"glass": 2}})
+    (root / "images_square" / "train" / "metal").mkdir()
+    with pytest.raises(UserInputError, match="metal"):
+        DatasetLayout.discover(root)
+
+
+def test_odd_images_become_upright_rgb_and_corrupt_ones_are_skipped(tmp_path, caplog):
+    folder = tmp_path / "train" / "glass"
+    rgb = np.zeros((10, 20, 3), np.uint8)
+    rgb[:, :10] = 255  # left half white
+    folder.mkdir(parents=True)
+    Image.fromarray(rgb).convert("L").save(folder / "gray.PNG")
+    Image.fromarray(rgb).convert("CMYK").save(folder / "cmyk.JPG")
+    Image.fromarray(rgb).convert("P").save(folder / "palette.bmp")
+    rgba = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
+    rgba.save(folder / "transparent.webp", lossless=True)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise when shown
+    Image.fromarray(rgb).save(folder / "rotated.jpeg", exif=exif)
+    (folder / "corrupt.jpg").write_bytes(b"not an image")
+    (folder / "notes.txt").write_text("ignored")
+
+    with caplog.at_level("WARNING"):
+        images = scan_labeled_folder(tmp_path / "train")
+    assert sorted(p.name for p in images.paths) == ["cmyk.JPG", "gray.PNG", "palette.bmp", "rotated.jpeg", "transparent.webp"]
+    assert [p.name for p in images.skipped] == ["corrupt.jpg"] and "corrupt.jpg" in caplog.text
+    for path in images.paths:
+        assert load_rgb(path).ndim == 3 and load_rgb(path).shape[2] == 3
+    assert load_rgb(folder / "rotated.jpeg").shape == (20, 10, 3)
+    assert (load_rgb(folder / "transparent.webp") == 255).all()  # composited on white, not black
+    with pytest.raises(UserInputError, match="corrupt.jpg"):
+        load_rgb(folder / "corrupt.jpg")
+
+
+def test_validation_split_is_stratified_seeded_and_disjoint(tmp_path):
+    root = make_tree(tmp_path, {"train": {"glass": 10, "metal": 20, "paper": 5}, "test": {"glass": 1}})
+    layout = DatasetLayout.discover(root, val_split=0.2, seed=3)
+    assert layout.val.class_counts() == [2, 4, 1]
+    assert not set(layout.val.paths) & set(layout.train.paths)
+    assert len(layout.val.paths) + len(layout.train.paths) == 35
+    assert DatasetLayout.discover(root, val_split=0.2, seed=3).val.paths == layout.val.paths
+    assert DatasetLayout.discover(root, val_split=0.2, seed=4).val.paths != layout.val.paths
+    assert DatasetLayout.discover(root, val_split=0).val.paths == layout.test.paths
+
+
+def test_pseudolabel_order_and_folder_labels_do_not_depend_on_folder_names(tmp_path):
+    root = make_tree(tmp_path, {"train": {name: 2 for name in COLOURS}}, pseudo=9, pseudo_subfolders=True)
+    before = DatasetLayout.discover(root).pseudo
+    assert sorted(set(before.folder_targets)) == [0, 1, 2]
+    pseudo_dir = root / "images_square" / "pseudolabel"
+    for i, name in enumerate(COLOURS):
+        (pseudo_dir / name).rename(pseudo_dir / f"hidden{i}")
+    after = DatasetLayout.discover(root).pseudo
+    assert [p.name for p in after.paths] == [p.name for p in before.paths]
+    assert set(after.folder_targets) == {-1}
+
+
+def test_pseudo_mode_without_pseudolabel_images_is_refused(tmp_path):
+    root = make_tree(tmp_path, {"train": {"glass": 4, "metal": 4}})
+    with pytest.raises(UserInputError, match="pseudolabel"):
+        WasteDataModule(root, image_size=32, pseudo_mode="per_epoch")
+
+
+def test_batches_carry_indices_targets_and_normalized_images(tiny_tree):
+    module = WasteDataModule(tiny_tree, image_size=32, batch_size=4, num_workers=0, pseudo_mode="per_batch")
+    batch = next(iter(module.train_dataloader()["labeled"]))
+    assert batch["image"].shape == (4, 3, 32, 32) and batch["target"].shape == (4,)
+    pseudo = next(iter(module.train_dataloader()["pseudo"]))
+    assert set(pseudo) == {"index", "image", "eval_image"}  # no folder label can reach the loss
+    paths = module.layout.train.paths
+    for index, target in zip(batch["index"].tolist(), batch["target"].tolist()):
+        assert paths[index].parent.name == module.classes[target]
+
+
+def test_transforms_handle_images_smaller_than_the_crop(tmp_path):
+    from detect_waste_cls.data.transforms import EvalPreset, TrainPreset
+
+    image = load_rgb(write_image(tmp_path / "x.png", (1, 2, 3), size=7))
+    assert TrainPreset(size=64)(image).shape == (3, 64, 64)
+    assert EvalPreset(size=64)(image).shape == (3, 64, 64)

@@ -1,0 +1,126 @@
+"""Whole runs through the CLI, on tiny colour-coded images at 32 px."""
+
+import json
+import shutil
+import subprocess
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import PYTHON, REPO_ROOT, make_tree, train_args
+from detect_waste_cls.cli import main
+from detect_waste_cls.evaluate import EVALUATION_FILES
+from detect_waste_cls.train import create_run_dir
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """One EfficientNet-B0 run shared by the tests that only read its outputs."""
+    root = tmp_path_factory.mktemp("e2e")
+    data = make_tree(root / "data", {"train": {"glass": 8, "metal": 8, "paper": 8},
+                                     "test": {"glass": 3, "metal": 3, "paper": 3}})
+    out = root / "run"
+    assert main(train_args(data, out, "--model", "efficientnet-b0")) == 0
+    return data, out
+
+
+def test_training_writes_every_artifact(trained_run):
+    data, out = trained_run
+    for name in ("config.json", "metrics.csv", "training_curves.png", "checkpoints/last.ckpt", *EVALUATION_FILES):
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["classes"] == ["glass", "metal", "paper"] and metrics["num_images"] == 9
+    assert set(metrics["per_class"]["paper"]) == {"precision", "recall", "f1", "support"}
+    assert 0 <= metrics["balanced_accuracy"] <= 1 and 0 <= metrics["macro_f1"] <= 1
+    predictions = pd.read_csv(out / "predictions.csv")
+    assert list(predictions.columns) == ["path", "true", "predicted", "confidence"] and len(predictions) == 9
+    assert metrics["accuracy"] == pytest.approx((predictions.true == predictions.predicted).mean())
+    log = pd.read_csv(out / "metrics.csv")
+    assert {"train/loss", "val/loss", "val/accuracy", "val/balanced_accuracy", "val/macro_f1"} <= set(log.columns)
+    best = next((out / "checkpoints").glob("best-*.ckpt"))
+    checkpoint = torch.load(best, map_location="cpu", weights_only=True)
+    assert checkpoint["hyper_parameters"]["classes"] == ["glass", "metal", "paper"]
+    assert json.loads((out / "config.json").read_text())["image_size"] == 32
+
+
+def test_test_mode_reproduces_the_runs_predictions(trained_run, tmp_path):
+    data, out = trained_run
+    best = next((out / "checkpoints").glob("best-*.ckpt"))
+    assert main(["test", "--data", str(data), "--checkpoint", str(best), "--out", str(tmp_path / "t"), "--num-workers", "0"]) == 0
+    during, after = pd.read_csv(out / "predictions.csv"), pd.read_csv(tmp_path / "t" / "predictions.csv")
+    assert during.path.tolist() == after.path.tolist() and during.predicted.tolist() == after.predicted.tolist()
+    assert during.confidence.to_numpy() == pytest.approx(after.confidence.to_numpy(), abs=1e-5)
+
+
+def test_test_mode_on_a_subset_of_classes_reports_exactly_those(trained_run, tmp_path, capsys):
+    data, out = trained_run
+    subset = tmp_path / "held_out"
+    for name in ("glass", "paper"):
+        shutil.copytree(data / "images_square" / "test" / name, subset / name)
+    train_effnet = [str(REPO_ROOT / "train_effnet.py")]
+    result = subprocess.run([PYTHON, *train_effnet, "--mode", "test", "--data", str(subset), "--checkpoint",
+                             str(out / "checkpoints" / "last.ckpt"), "--out", str(tmp_path / "t"), "--num-workers", "0"],
+                            capture_output=True, text=True, check=True)
+    metrics = json.loads((tmp_path / "t" / "metrics.json").read_text())
+    assert sorted(metrics["per_class"]) == ["glass", "paper"] and metrics["num_images"] == 6
+    assert "glass" in result.stdout and "paper" in result.stdout and "metal" not in result.stdout
+
+
+def test_predict_writes_top_k_per_image(trained_run, tmp_path):
+    data, out = trained_run
+    csv = tmp_path / "predictions.csv"
+    assert main(["predict", "--checkpoint", str(out / "checkpoints" / "last.ckpt"), "--images",
+                 str(data / "images_square" / "test"), "--out", str(csv)]) == 0
+    table = pd.read_csv(csv)
+    assert len(table) == 9 and {"path", "label", "confidence", "top3_label", "top3_confidence"} <= set(table.columns)
+    assert (table.label == table.top1_label).all()
+    assert (table.top1_confidence >= table.top2_confidence).all()
+    assert main(["predict", "--checkpoint", str(out / "checkpoints" / "last.ckpt"), "--images",
+                 str(data / "images_square" / "test"), "--out", str(csv)]) == 2  # never overwrites
+
+
+def test_resume_refuses_a_checkpoint_from_another_class_list(trained_run, tmp_path, capsys):
+    _, out = trained_run
+    other = make_tree(tmp_path / "other", {"train": {"glass": 4, "paper": 4}})
+    assert main(train_args(other, tmp_path / "r", "--resume", str(out / "checkpoints" / "last.ckpt"))) == 2
+    assert "trained on classes" in capsys.readouterr().err
+
+
+def test_more_gpus_than_exist_is_one_clear_line():
+    result = subprocess.run([PYTHON, str(REPO_ROOT / "train_effnet.py"), "--gpus", "64"], capture_output=True, text=True)
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: --gpus 64") and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("problem, message", [
+    ("missing data", "no training data at"),
+    ("unknown test class", "plastic"),
+    ("non-empty out", "not empty"),
+    ("test without checkpoint", "--checkpoint"),
+])
+def test_bad_input_is_a_one_line_error(tmp_path, capsys, problem, message):
+    data = make_tree(tmp_path / "d", {"train": {"glass": 4, "metal": 4}})
+    out = tmp_path / "out"
+    args = train_args(data, out)
+    if problem == "missing data":
+        args = train_args(tmp_path / "missing", out)
+    elif problem == "unknown test class":
+        make_tree(data, {"test": {"glass": 1}})
+        (data / "images_square" / "test" / "glass").rename(data / "images_square" / "test" / "plastic")
+    elif problem == "non-empty out":
+        out.mkdir()
+        (out / "my_notes.txt").write_text("keep me")
+    elif problem == "test without checkpoint":
+        args = ["test", "--data", str(data)]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+    if problem == "non-empty out":
+        assert (out / "my_notes.txt").read_text() == "keep me"
+
+
+def test_default_run_folders_are_never_reused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    first, second = create_run_dir(None, "resnet50"), create_run_dir(None, "resnet50")
+    assert first != second and first.is_dir() and second.is_dir()

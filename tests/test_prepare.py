@@ -1,0 +1,399 @@
+"""Tests for `prepare`: class folders -> seeded splits, and COCO boxes -> pixel-exact crops."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from detect_waste_cls.data.prepare import DETECTWASTE_MAPPING, crop_coco, split_dataset
+from detect_waste_cls.errors import UserInputError
+
+TRASHNET = Path(__file__).resolve().parents[1].parent / "shared/data/trashnet"
+CLASS_COUNTS = {"cardboard": 10, "glass": 7, "paper": 3}
+
+
+def write_image(path: Path, pixels: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def random_pixels(height: int, width: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+@pytest.fixture
+def class_dataset(tmp_path: Path) -> Path:
+    """Class folders whose files share names across classes (000.png in every class)."""
+    src = tmp_path / "src"
+    for class_index, (cls, count) in enumerate(CLASS_COUNTS.items()):
+        for i in range(count):
+            write_image(src / cls / f"{i:03d}.png", random_pixels(12, 16, seed=100 * class_index + i))
+    return src
+
+
+def source_files(src: Path) -> set[str]:
+    return {str(p.absolute()) for p in src.rglob("*") if p.is_file()}
+
+
+def files_on_disk(dst: Path) -> set[str]:
+    root = dst / "images_square"
+    return {p.relative_to(dst).as_posix() for p in root.rglob("*") if p.is_file() or p.is_symlink()}
+
+
+# ---------------------------------------------------------------- split_dataset
+
+
+def test_split_puts_every_image_in_exactly_one_split(class_dataset: Path, tmp_path: Path) -> None:
+    dst = tmp_path / "out"
+    manifest = split_dataset(class_dataset, dst, test=0.2, pseudo=0.5, val=0.1)
+
+    assert manifest.groupby("class").size().to_dict() == CLASS_COUNTS
+    assert sorted(manifest["source"]) == sorted(source_files(class_dataset))
+    assert manifest["path"].is_unique
+    assert set(manifest["split"]) == {"train", "test", "pseudolabel", "val"}
+    # Shares are rounded per class: 10 images -> 2 test, 5 pseudolabel, 1 val, 2 train.
+    cardboard = manifest[manifest["class"] == "cardboard"]["split"].value_counts().to_dict()
+    assert cardboard == {"test": 2, "pseudolabel": 5, "val": 1, "train": 2}
+    assert files_on_disk(dst) == set(manifest["path"])
+    on_file = pd.read_csv(dst / "manifest.csv")
+    assert list(on_file.columns) == ["source", "split", "class", "path"]
+    pd.testing.assert_frame_equal(on_file, manifest, check_dtype=False)
+    for source, split, cls, path in manifest.itertuples(index=False, name=None):
+        assert (dst / path).read_bytes() == Path(source).read_bytes()  # copies are byte-identical
+        assert Path(path).parent.name == (split if split == "pseudolabel" else cls)
+
+
+def test_split_is_seeded(class_dataset: Path, tmp_path: Path) -> None:
+    def assignment(seed: int, name: str) -> list[tuple[str, str]]:
+        manifest = split_dataset(class_dataset, tmp_path / name, seed=seed)
+        return sorted(zip(manifest["source"], manifest["split"]))
+
+    assert assignment(0, "a") == assignment(0, "b")
+    assert assignment(0, "a2") != assignment(1, "c")
+
+
+def test_flat_pseudolabel_names_are_unique_and_nothing_is_overwritten(class_dataset: Path, tmp_path: Path) -> None:
+    dst = tmp_path / "out"
+    manifest = split_dataset(class_dataset, dst, test=0.0, pseudo=0.9)
+    pseudo = manifest[manifest["split"] == "pseudolabel"]
+    folder = dst / "images_square" / "pseudolabel"
+    assert all(p.is_file() for p in folder.iterdir())  # flat: no class folders
+    assert len(list(folder.iterdir())) == len(pseudo) == 9 + 6 + 3
+    # 000.png exists in every class: all copies survive under distinct names.
+    assert {(dst / p).read_bytes() for p in pseudo["path"]} == {Path(s).read_bytes() for s in pseudo["source"]}
+
+
+def test_keep_pseudo_labels_keeps_class_folders(class_dataset: Path, tmp_path: Path) -> None:
+    dst = tmp_path / "out"
+    manifest = split_dataset(class_dataset, dst, keep_pseudo_labels=True)
+    folder = dst / "images_square" / "pseudolabel"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(CLASS_COUNTS)
+    for cls in CLASS_COUNTS:
+        expected = manifest[(manifest["split"] == "pseudolabel") & (manifest["class"] == cls)]
+        assert len(list((folder / cls).iterdir())) == len(expected)
+
+
+def test_existing_output_is_refused_and_overwrite_spares_user_files(class_dataset: Path, tmp_path: Path) -> None:
+    dst = tmp_path / "out"
+    split_dataset(class_dataset, dst, seed=0)
+    notes = dst / "notes.txt"
+    notes.write_text("mine")
+    stale = dst / "images_square" / "train" / "stale.png"
+    stale.write_bytes(b"old")
+
+    with pytest.raises(UserInputError, match="images_square.*--overwrite"):
+        split_dataset(class_dataset, dst, seed=1)
+    manifest = split_dataset(class_dataset, dst, seed=1, overwrite=True)
+
+    assert notes.read_text() == "mine"
+    assert not stale.exists()
+    assert files_on_disk(dst) == set(manifest["path"])
+
+
+def test_existing_manifest_alone_is_refused(class_dataset: Path, tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "manifest.csv").write_text("keep me")
+    with pytest.raises(UserInputError, match="manifest.csv"):
+        split_dataset(class_dataset, tmp_path / "out")
+    assert (tmp_path / "out" / "manifest.csv").read_text() == "keep me"
+
+
+def test_link_mode_makes_symlinks_to_absolute_sources(class_dataset: Path, tmp_path: Path) -> None:
+    dst = tmp_path / "out"
+    manifest = split_dataset(class_dataset, dst, link=True)
+    for row in manifest.itertuples():
+        link = dst / row.path
+        assert link.is_symlink()
+        assert Path(link.readlink()).is_absolute()
+        assert link.resolve() == Path(row.source).resolve()
+
+
+@pytest.mark.parametrize(
+    ("square", "size", "expected"), [(True, 8, (8, 8)), (False, 8, (8, 6)), (True, None, (16, 16))]
+)
+def test_square_and_size(class_dataset: Path, tmp_path: Path, square: bool, size: int | None, expected) -> None:
+    dst = tmp_path / "out"
+    manifest = split_dataset(class_dataset, dst, square=square, size=size)
+    for row in manifest.itertuples():
+        with Image.open(dst / row.path) as image:
+            assert image.size == expected
+
+
+def test_square_pads_centred_in_black(class_dataset: Path, tmp_path: Path) -> None:
+    dst = tmp_path / "out"
+    row = split_dataset(class_dataset, dst, square=True).iloc[0]
+    padded = np.asarray(Image.open(dst / row["path"]))
+    original = np.asarray(Image.open(row["source"]))  # 12x16 -> 2 black rows above and below
+    assert (padded[:2] == 0).all() and (padded[-2:] == 0).all()
+    np.testing.assert_array_equal(padded[2:14], original)
+
+
+def test_unreadable_files_are_skipped_and_reported(class_dataset: Path, tmp_path: Path, caplog) -> None:
+    (class_dataset / "glass" / "corrupt.png").write_bytes(b"not an image")
+    truncated = class_dataset / "paper" / "truncated.jpg"
+    Image.fromarray(random_pixels(64, 64, seed=1)).save(truncated, quality=95)
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])  # header reads fine, pixels do not decode
+    dst = tmp_path / "out"
+
+    with caplog.at_level(logging.WARNING):
+        manifest = split_dataset(class_dataset, dst, size=8)
+
+    assert "corrupt.png" not in " ".join(manifest["source"])
+    assert "truncated.jpg" not in " ".join(manifest["source"])
+    assert manifest.groupby("class").size().to_dict() == CLASS_COUNTS
+    assert files_on_disk(dst) == set(manifest["path"])
+    assert "skipped 1 unreadable" in caplog.text and "skipped 1 image(s) that could not be decoded" in caplog.text
+
+
+def test_tiny_classes_never_lose_or_duplicate_images(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    for cls, count in {"one": 1, "two": 2, "three": 3}.items():
+        for i in range(count):
+            write_image(src / cls / f"{i}.png", random_pixels(4, 4, seed=i))
+    manifest = split_dataset(src, tmp_path / "out", test=0.3, pseudo=0.3, val=0.3, link=True)
+    assert manifest.groupby("class").size().to_dict() == {"one": 1, "two": 2, "three": 3}
+    assert manifest["source"].is_unique
+
+
+@pytest.mark.parametrize(
+    "shares",
+    [{"test": 1.0}, {"test": -0.1}, {"test": 0.5, "pseudo": 0.5}, {"val": float("nan")}, {"pseudo": 0.7, "val": 0.3}],
+)
+def test_bad_shares_are_refused(class_dataset: Path, tmp_path: Path, shares: dict) -> None:
+    with pytest.raises(UserInputError, match="share"):
+        split_dataset(class_dataset, tmp_path / "out", **shares)
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_inputs_name_the_path(class_dataset: Path, tmp_path: Path) -> None:
+    with pytest.raises(UserInputError, match="missing"):
+        split_dataset(tmp_path / "missing", tmp_path / "out")
+    (tmp_path / "flat").mkdir()
+    with pytest.raises(UserInputError, match="flat"):
+        split_dataset(tmp_path / "flat", tmp_path / "out")
+    (class_dataset / "empty").mkdir()
+    with pytest.raises(UserInputError, match="empty"):
+        split_dataset(class_dataset, tmp_path / "out")
+
+
+def test_refuses_link_with_resize_and_output_inside_input(class_dataset: Path, tmp_path: Path) -> None:
+    with pytest.raises(UserInputError, match="link"):
+        split_dataset(class_dataset, tmp_path / "out", link=True, square=True)
+    with pytest.raises(UserInputError, match="inside"):
+        split_dataset(class_dataset, class_dataset)
+
+
+@pytest.mark.skipif(not TRASHNET.is_dir(), reason=f"TrashNet not found at {TRASHNET}")
+def test_split_real_trashnet(tmp_path: Path) -> None:
+    manifest = split_dataset(TRASHNET, tmp_path, link=True)
+    expected = {p.name: sum(1 for f in p.iterdir() if f.suffix.lower() == ".jpg") for p in TRASHNET.iterdir()}
+    assert len(manifest) == 2527
+    assert manifest.groupby("class").size().to_dict() == expected
+    assert manifest["source"].is_unique and files_on_disk(tmp_path) == set(manifest["path"])
+
+
+# ---------------------------------------------------------------- crop_coco
+
+WIDTH, HEIGHT = 40, 30
+CATEGORIES = [{"id": 1, "name": "Glass bottle"}, {"id": 2, "name": "Drink can"}, {"id": 3, "name": "Mystery thing"}]
+
+
+@pytest.fixture
+def coco(tmp_path: Path):
+    """Two PNG images with known pixels and a COCO file; returns (annotations path, images dir, pixels)."""
+    images = tmp_path / "images"
+    pixels = {
+        "a": write_image(images / "batch_1" / "a.png", random_pixels(HEIGHT, WIDTH, seed=1)),
+        "b": write_image(images / "b.png", random_pixels(HEIGHT, WIDTH, seed=2)),
+    }
+    pixels = {name: np.asarray(Image.open(path)) for name, path in pixels.items()}
+
+    def write(annotations: list[dict], extra_images: list[dict] = ()) -> Path:
+        coco_file = tmp_path / "annotations.json"
+        coco_images = [
+            {"id": 1, "file_name": "batch_1/a.png", "width": WIDTH, "height": HEIGHT},
+            {"id": 2, "file_name": "b.png", "width": WIDTH, "height": HEIGHT},
+            *extra_images,
+        ]
+        coco_file.write_text(json.dumps({"images": coco_images, "annotations": annotations, "categories": CATEGORIES}))
+        return coco_file
+
+    return write, images, pixels
+
+
+def box(ann_id: int, bbox: list[float], image_id: int = 1, category_id: int = 1) -> dict:
+    return {"id": ann_id, "image_id": image_id, "category_id": category_id, "bbox": bbox}
+
+
+def read(path: Path) -> np.ndarray:
+    assert path.is_file(), f"expected crop {path}"
+    return np.asarray(Image.open(path))
+
+
+def test_crops_are_pixel_exact_and_clipped(coco, tmp_path: Path) -> None:
+    write, images, pixels = coco
+    annotations = write([
+        box(10, [5.5, 3.2, 10.1, 7.7]),                   # fractional: floor left/top, ceil right/bottom
+        box(11, [30, 20, 20, 20], image_id=2, category_id=2),  # runs off the bottom-right corner
+    ])
+    report = crop_coco(annotations, images, tmp_path / "out")
+
+    out = tmp_path / "out" / "images_square" / "train"
+    np.testing.assert_array_equal(read(out / "glass" / "a_10.png"), pixels["a"][3:11, 5:16])
+    np.testing.assert_array_equal(read(out / "metals_and_plastic" / "b_11.png"), pixels["b"][20:30, 30:40])
+    assert report.written == 2 and report.skipped == {}
+    assert report.per_class == {"glass": 1, "metals_and_plastic": 1}
+
+
+def test_invalid_boxes_are_skipped_and_counted(coco, tmp_path: Path, caplog) -> None:
+    write, images, pixels = coco
+    annotations = write(
+        [
+            box(1, [1, 1, 0, 5]),                 # zero width
+            box(2, [1, 1, 5, -2]),                # negative height
+            box(3, [1, 1, float("nan"), 5]),      # non-finite (JSON NaN)
+            box(4, [50, 50, 5, 5]),               # fully outside
+            box(5, [-9, 3, 9, 5]),                # touches the left edge from outside: empty after clipping
+            box(6, [1, 1, 5, 5], category_id=3),  # category with no detect-waste class
+            box(7, [1, 1, 5, 5], image_id=3),     # image file missing
+            box(8, [1, 1, 5, 5], image_id=99),    # image id not in the file
+            box(9, [1, 1, 5, 5]),                 # the one good box
+            box(9, [2, 2, 5, 5]),                 # repeated id: must not replace the crop above
+        ],
+        extra_images=[{"id": 3, "file_name": "gone.png"}],
+    )
+    with caplog.at_level(logging.WARNING):
+        report = crop_coco(annotations, images, tmp_path / "out")
+
+    assert report.written == 1
+    assert report.skipped == {
+        "invalid_box": 3, "outside_image": 2, "unmapped": 1, "missing_image": 1, "unknown_image_id": 1,
+        "duplicate_annotation_id": 1,
+    }
+    np.testing.assert_array_equal(read(tmp_path / "out/images_square/train/glass/a_9.png"), pixels["a"][1:6, 1:6])
+    assert "skipped 9 annotation(s)" in caplog.text
+    assert "wrote 1 crops (glass 1); skipped 9" in report.summary()
+
+
+def test_image_whose_size_disagrees_with_the_coco_entry_is_skipped(coco, tmp_path: Path) -> None:
+    write, images, _ = coco
+    # Boxes drawn on the sideways (pre-EXIF) image would crop the wrong pixels: skip, do not guess.
+    sideways = {"id": 3, "file_name": "b.png", "width": HEIGHT, "height": WIDTH}
+    annotations = write([box(1, [0, 0, 4, 4], image_id=3), box(2, [0, 0, 4, 4], image_id=2)], [sideways])
+    report = crop_coco(annotations, images, tmp_path / "out")
+    assert report.skipped == {"image_size_mismatch": 1} and report.written == 1
+
+
+def test_zoom_and_square_scale_the_box_about_its_centre(coco, tmp_path: Path) -> None:
+    write, images, pixels = coco
+    annotations = write([box(1, [10, 10, 10, 6]), box(2, [10, 10, 10, 4]), box(3, [0, 0, 4, 2])])
+
+    crop_coco(annotations, images, tmp_path / "zoom", zoom=1.5, split="test")
+    out = tmp_path / "zoom" / "images_square" / "test" / "glass"
+    # centre (15, 13); 15x9 box -> x 7.5..22.5, y 8.5..17.5 -> rounded outwards
+    np.testing.assert_array_equal(read(out / "a_1.png"), pixels["a"][8:18, 7:23])
+
+    crop_coco(annotations, images, tmp_path / "square", square=True)
+    out = tmp_path / "square" / "images_square" / "train" / "glass"
+    np.testing.assert_array_equal(read(out / "a_2.png"), pixels["a"][7:17, 10:20])  # 10x4 -> 10x10 about y=12
+    np.testing.assert_array_equal(read(out / "a_3.png"), pixels["a"][0:3, 0:4])  # squared upwards, then clipped
+
+
+def test_mapping_file_none_and_pseudolabel_layout(coco, tmp_path: Path) -> None:
+    write, images, pixels = coco
+    annotations = write([box(1, [0, 0, 4, 4]), box(2, [0, 0, 4, 4], category_id=2), box(3, [0, 0, 4, 4], category_id=3)])
+    mapping = tmp_path / "mapping.json"
+    mapping.write_text(json.dumps({"glass bottle": "bottles", "Drink can": "cans"}))  # case does not matter
+
+    report = crop_coco(annotations, images, tmp_path / "file", mapping=mapping)
+    assert report.per_class == {"bottles": 1, "cans": 1} and report.skipped == {"unmapped": 1}
+    assert (tmp_path / "file" / "images_square" / "train" / "cans" / "a_2.png").is_file()
+
+    report = crop_coco(annotations, images, tmp_path / "none", mapping="none")
+    assert report.per_class == {"Glass bottle": 1, "Drink can": 1, "Mystery thing": 1}
+    assert (tmp_path / "none" / "images_square" / "train" / "Mystery thing" / "a_3.png").is_file()
+
+    crop_coco(annotations, images, tmp_path / "pseudo", split="pseudolabel")
+    folder = tmp_path / "pseudo" / "images_square" / "pseudolabel"
+    assert sorted(p.name for p in folder.iterdir()) == ["a_1.png", "a_2.png"]
+
+
+def test_crop_refuses_existing_split_unless_overwrite(coco, tmp_path: Path) -> None:
+    write, images, _ = coco
+    annotations = write([box(1, [0, 0, 4, 4])])
+    dst = tmp_path / "out"
+    crop_coco(annotations, images, dst)
+    crop_coco(annotations, images, dst, split="test")  # another split is a different folder
+    (dst / "notes.txt").write_text("mine")
+
+    with pytest.raises(UserInputError, match="train.*--overwrite"):
+        crop_coco(annotations, images, dst)
+    crop_coco(annotations, images, dst, overwrite=True)
+    assert (dst / "notes.txt").read_text() == "mine"
+    assert (dst / "images_square" / "test" / "glass" / "a_1.png").is_file()
+
+
+def test_jpeg_sources_give_jpeg_crops(tmp_path: Path) -> None:
+    write_image(tmp_path / "images" / "photo.jpg", random_pixels(HEIGHT, WIDTH, seed=3))
+    coco_file = tmp_path / "coco.json"
+    coco_file.write_text(json.dumps({
+        "images": [{"id": 7, "file_name": "photo.jpg"}], "categories": CATEGORIES,
+        "annotations": [box(1, [2, 2, 8, 6], image_id=7)],
+    }))
+    crop_coco(coco_file, tmp_path / "images", tmp_path / "out")
+    with Image.open(tmp_path / "out" / "images_square" / "train" / "glass" / "photo_1.jpg") as crop:
+        assert crop.format == "JPEG" and crop.size == (8, 6)
+
+
+def test_crop_bad_inputs_name_the_path(coco, tmp_path: Path) -> None:
+    write, images, _ = coco
+    annotations = write([box(1, [0, 0, 4, 4])])
+    with pytest.raises(UserInputError, match="nope.json"):
+        crop_coco(tmp_path / "nope.json", images, tmp_path / "out")
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    with pytest.raises(UserInputError, match="broken.json"):
+        crop_coco(annotations, images, tmp_path / "out", mapping=broken)
+    broken.write_text(json.dumps({"Glass bottle": "../escape"}))
+    with pytest.raises(UserInputError, match="class folder"):
+        crop_coco(annotations, images, tmp_path / "out", mapping=broken)
+    with pytest.raises(UserInputError, match="split"):
+        crop_coco(annotations, images, tmp_path / "out", split="val")
+    with pytest.raises(UserInputError, match="zoom"):
+        crop_coco(annotations, images, tmp_path / "out", zoom=0)
+
+
+def test_detectwaste_mapping_has_the_seven_classes() -> None:
+    assert set(DETECTWASTE_MAPPING.values()) == {
+        "bio", "glass", "metals_and_plastic", "non_recyclable", "other", "paper", "unknown",
+    }
+    assert DETECTWASTE_MAPPING["Cigarette"] == "non_recyclable"
+    assert DETECTWASTE_MAPPING["Battery"] == "other"
+    assert DETECTWASTE_MAPPING["Unlabeled litter"] == "unknown"

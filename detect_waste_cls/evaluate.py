@@ -74,12 +74,12 @@ def write_evaluation(
     metrics = compute_metrics(targets, predictions, classes)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out_dir / "classification_report.txt").write_text(format_report(metrics))
-    confusion = MulticlassConfusionMatrix(len(classes))
+    # Rank 0 alone holds every prediction; after DDP training a sync would wait for ranks that have left.
+    confusion = MulticlassConfusionMatrix(len(classes), sync_on_compute=False)
     confusion.update(predictions, targets)
     figure, _ = confusion.plot(labels=list(classes))
     figure.set_size_inches(1.2 * len(classes) + 3, 1.2 * len(classes) + 2)
-    figure.tight_layout()
-    figure.savefig(out_dir / "confusion_matrix.png", dpi=120)
+    figure.savefig(out_dir / "confusion_matrix.png", dpi=120, bbox_inches="tight")
     plt.close(figure)
     pd.DataFrame(
         {

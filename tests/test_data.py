@@ -110,3 +110,27 @@ def test_transforms_handle_images_smaller_than_the_crop(tmp_path):
     image = load_rgb(write_image(tmp_path / "x.png", (1, 2, 3), size=7))
     assert TrainPreset(size=64)(image).shape == (3, 64, 64)
     assert EvalPreset(size=64)(image).shape == (3, 64, 64)
+
+
+def test_each_dataloader_worker_augments_differently_and_reproducibly(tmp_path):
+    from functools import partial
+
+    import torch
+    from torch.utils.data import DataLoader
+
+    from detect_waste_cls.data.datasets import ImageDataset, seed_worker_augmentations
+    from detect_waste_cls.data.transforms import TrainPreset
+
+    image = write_image(tmp_path / "one.png", (120, 80, 40), size=48)
+
+    def augmented(rank):
+        torch.manual_seed(0)
+        dataset = ImageDataset([image] * 4, {"image": TrainPreset(size=32, seed=1)})
+        loader = DataLoader(dataset, batch_size=2, num_workers=2,
+                            worker_init_fn=partial(seed_worker_augmentations, rank=rank))
+        return [batch["image"] for batch in loader]  # batch 0 from worker 0, batch 1 from worker 1
+
+    first, again, other_rank = augmented(0), augmented(0), augmented(1)
+    assert not torch.equal(first[0], first[1])  # workers do not replay one stream
+    assert all(torch.equal(a, b) for a, b in zip(first, again))  # same seeds, same augmentations
+    assert not torch.equal(first[0], other_rank[0])  # DDP ranks differ too

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -18,7 +19,7 @@ from detect_waste_cls.data.categories import (
     scan_images,
     scan_labeled_folder,
 )
-from detect_waste_cls.data.datasets import ImageDataset
+from detect_waste_cls.data.datasets import ImageDataset, seed_worker_augmentations
 from detect_waste_cls.data.samplers import EpochDrawSampler, inverse_frequency_weights
 from detect_waste_cls.data.transforms import EvalPreset, TrainPreset
 from detect_waste_cls.errors import UserInputError
@@ -141,7 +142,7 @@ class WasteDataModule(pl.LightningDataModule):
         self.seed = seed
         self.pseudo_mode = pseudo_mode
         self.pseudo_batch_size = max(1, round(batch_size * pseudo_ratio))
-        self.train_view = TrainPreset(size=image_size)
+        self.train_view = TrainPreset(size=image_size, seed=seed)
         self.eval_view = EvalPreset(size=image_size)
 
     @property
@@ -158,6 +159,7 @@ class WasteDataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
+            worker_init_fn=partial(seed_worker_augmentations, rank=self._rank_and_world()[0]),
         )
 
     def _rank_and_world(self) -> tuple[int, int]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset, get_worker_info
 
 from detect_waste_cls.data.categories import load_rgb
 
@@ -32,9 +32,27 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
+    def reseed(self, seed: int) -> None:
+        for offset, view in enumerate(self.views.values()):
+            if hasattr(view, "reseed"):
+                view.reseed(seed + offset)
+
     def __getitem__(self, index: int) -> dict:
         image = load_rgb(self.paths[index])
         item = {"index": index, **{name: transform(image) for name, transform in self.views.items()}}
         if self.targets is not None:
             item["target"] = self.targets[index]
         return item
+
+
+def seed_worker_augmentations(worker_id: int, rank: int = 0) -> None:
+    """DataLoader worker_init_fn: give each worker (and each DDP rank) its own augmentation stream.
+
+    Workers start with identical copies of the parent's albumentations RNG, so without this
+    they would all apply the same augmentations. torch's per-worker seed is reproducible
+    under a global seed and distinct per worker and epoch; the rank separates DDP processes.
+    """
+    dataset = get_worker_info().dataset
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    dataset.reseed((torch.initial_seed() + 1_000_003 * rank) % 2**32)

@@ -20,10 +20,21 @@ def resize_margin(size: int) -> int:
     return min(60, round(60 * size / 224))
 
 
-class TrainPreset:
+class _Preset:
+    transform: A.Compose
+
+    def __call__(self, image: np.ndarray) -> torch.Tensor:
+        return self.transform(image=image)["image"]
+
+    def reseed(self, seed: int) -> None:
+        """albumentations keeps its own RNG and ignores global seeds; this is the only way to steer it."""
+        self.transform.set_random_seed(seed)
+
+
+class TrainPreset(_Preset):
     """Resize to size+margin, random crop, flips, affine, brightness/contrast, coarse dropout, normalize."""
 
-    def __init__(self, *, size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    def __init__(self, *, size: int, seed: int | None = None, mean=IMAGENET_MEAN, std=IMAGENET_STD):
         resized = size + resize_margin(size)
         self.transform = A.Compose(
             [
@@ -37,18 +48,13 @@ class TrainPreset:
                 A.CoarseDropout(num_holes_range=(1, 8), hole_height_range=(0.02, 0.06), hole_width_range=(0.02, 0.06)),
                 A.Normalize(mean=mean, std=std),
                 ToTensorV2(),
-            ]
+            ],
+            seed=seed,
         )
 
-    def __call__(self, image: np.ndarray) -> torch.Tensor:
-        return self.transform(image=image)["image"]
 
-
-class EvalPreset:
+class EvalPreset(_Preset):
     """Resize to size x size and normalize: what the model sees at validation, test and prediction."""
 
     def __init__(self, *, size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD):
         self.transform = A.Compose([A.Resize(size, size), A.Normalize(mean=mean, std=std), ToTensorV2()])
-
-    def __call__(self, image: np.ndarray) -> torch.Tensor:
-        return self.transform(image=image)["image"]

@@ -1,0 +1,36 @@
+"""Runs one training with the CLI's arguments and saves every rank's pseudo-label store.
+
+Used by test_pseudo.py: `python tests/ddp_probe.py DUMP_DIR <train arguments>`. DDP re-runs this
+script for the second rank, so both ranks get the dumping callback.
+"""
+
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+
+from detect_waste_cls.cli import build_parser
+from detect_waste_cls.pseudo.callbacks import PseudoLabelRefresh
+from detect_waste_cls.train import run_training
+
+
+class DumpStores(pl.Callback):
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def _dump(self, trainer: pl.Trainer, moment: str) -> None:
+        refresh = next(c for c in trainer.callbacks if isinstance(c, PseudoLabelRefresh))
+        torch.save(refresh.store.state_dict(), self.folder / f"{moment}_rank{trainer.global_rank}.pt")
+
+    def on_train_start(self, trainer, pl_module):
+        self._dump(trainer, "start")
+
+    def on_train_end(self, trainer, pl_module):
+        self._dump(trainer, "end")
+
+
+if __name__ == "__main__":
+    dump_dir = Path(sys.argv[1])
+    dump_dir.mkdir(parents=True, exist_ok=True)
+    run_training(build_parser().parse_args(sys.argv[2:]), extra_callbacks=[DumpStores(dump_dir)])

@@ -135,7 +135,6 @@ def run_prepare(args: argparse.Namespace) -> None:
             link=args.link, seed=args.seed, overwrite=args.overwrite,
         )
         print(manifest.groupby(["split", "class"]).size().unstack(fill_value=0).to_string())
-        print(f"wrote {len(manifest)} images to {args.dst / 'images_square'} (manifest: {args.dst / 'manifest.csv'})")
     else:
         report = prepare.crop_coco(
             args.annotations, args.images, args.dst, square=args.square, zoom=args.zoom,

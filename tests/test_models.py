@@ -64,3 +64,9 @@ def test_restored_classifier_does_not_ask_for_initial_weights(tmp_path):
     assert "weights" not in model.hparams and "pretrained" not in model.hparams
     (tmp_path / "init.pth").unlink()
     assert LitterClassifier(**model.hparams).hparams.classes == ["a", "b"]
+
+
+def test_efficientnet_batch_norm_tracks_statistics_at_pytorch_speed():
+    """With the library's TF momentum, eval mode outputs a constant for hundreds of steps from scratch."""
+    model = create_backbone("efficientnet-b0", num_classes=3)
+    assert all(m.momentum == pytest.approx(0.1) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))

@@ -1,0 +1,153 @@
+"""Train and test every row of a results table, then write table.md and table.csv.
+
+    python -m experiments.reproduce --data TREE [--table paper] [--profile smoke|full] [--only ROW ...] [--force]
+
+Each row is a JSON file in experiments/configs/<table>/ whose keys are the training CLI's own
+flags; profiles.json there adds the flags of each profile (tiny CPU runs, or the real recipe)
+and the seeds. Rows already done are skipped, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+CONFIGS = Path(__file__).resolve().parent / "configs"
+DONE_MARKER = "runner.json"
+
+
+def as_flags(options: dict) -> list[str]:
+    flags = []
+    for key, value in options.items():
+        if value is True:
+            flags.append(f"--{key}")
+        elif value is not False and value is not None:
+            flags += [f"--{key}", str(value)]
+    return flags
+
+
+def load_rows(table: str, only: list[str] | None) -> dict[str, dict]:
+    folder = CONFIGS / table
+    rows = {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json")) if p.name != "profiles.json"}
+    unknown = sorted(set(only or []) - set(rows))
+    if unknown:
+        sys.exit(f"error: unknown row(s) {', '.join(unknown)}; rows of {table}: {', '.join(rows)}")
+    return {name: row for name, row in rows.items() if not only or name in only}
+
+
+def set_aside(folder: Path, reason: str) -> None:
+    """Keep an earlier attempt under a new name instead of deleting it."""
+    n = 1
+    while folder.with_name(f"{folder.name}.{reason}-{n}").exists():
+        n += 1
+    folder.rename(folder.with_name(f"{folder.name}.{reason}-{n}"))
+
+
+def run_row(command: list[str], out: Path, log_file: Path, row: str, seed: int) -> float:
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with log_file.open("w") as log:
+        result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - start
+    if result.returncode != 0:
+        sys.exit(f"error: {out.name} failed (exit {result.returncode}); see {log_file}")
+    marker = {"row": row, "seed": seed, "command": command, "wall_time_s": wall}
+    (out / DONE_MARKER).write_text(json.dumps(marker, indent=2))
+    return wall
+
+
+def last_logged(metrics_csv: Path, column: str) -> float | None:
+    log = pd.read_csv(metrics_csv)
+    return float(log[column].dropna().iloc[-1]) if column in log and log[column].notna().any() else None
+
+
+def finished_runs(results: Path) -> list[Path]:
+    """Run folders with a done marker, leaving out earlier attempts that were set aside."""
+    runs = []
+    for marker in sorted(results.glob(f"runs/*/{DONE_MARKER}")):
+        info = json.loads(marker.read_text())
+        if marker.parent.name == f"{info['row']}-seed{info['seed']}":
+            runs.append(marker.parent)
+    return runs
+
+
+def summarize_run(run: Path) -> dict:
+    config = json.loads((run / "config.json").read_text())
+    metrics = json.loads((run / "metrics.json").read_text())
+    done = json.loads((run / DONE_MARKER).read_text())
+    return {
+        "row": done["row"],
+        "model": config["model"],
+        "classes": len(config["classes"]),
+        "ACC": metrics["accuracy"],
+        "balanced ACC": metrics["balanced_accuracy"],
+        "macro-F1": metrics["macro_f1"],
+        "pseudo-label ACC": last_logged(run / "metrics.csv", "pseudo/accuracy"),
+        "sampler": "weighted" if config["weighted_sampler"] else "random",
+        "pseudolabeling": config["pseudo"],
+        "epochs": config["epochs"],
+        "image size": config["image_size"],
+        "seed": config["seed"],
+        "wall time (s)": done["wall_time_s"],
+    }
+
+
+def write_tables(results: Path, runs: list[dict]) -> pd.DataFrame:
+    table = pd.DataFrame(runs).sort_values(["row", "seed"])
+    table.to_csv(results / "table.csv", index=False)
+    metric_columns = ["ACC", "balanced ACC", "macro-F1", "pseudo-label ACC"]
+    text = "# Results\n\n" + table.to_markdown(index=False, floatfmt=".4f") + "\n"
+    if table.seed.nunique() > 1:
+        grouped = table.groupby(["row", "model", "sampler", "pseudolabeling"])[metric_columns]
+        summary = grouped.mean().round(4).astype(str) + " ± " + grouped.std().round(4).astype(str)
+        text += f"\n## Mean ± std over seeds {sorted(table.seed.unique())}\n\n" + summary.reset_index().to_markdown(index=False) + "\n"
+    (results / "table.md").write_text(text)
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True, help="dataset root with images_square/")
+    parser.add_argument("--table", default="paper", help="a folder of row configs in experiments/configs/")
+    parser.add_argument("--profile", default="smoke", help="a profile of that folder's profiles.json")
+    parser.add_argument("--only", nargs="+", default=None, help="run only these rows")
+    parser.add_argument("--seeds", nargs="+", type=int, default=None, help="override the profile's seeds")
+    parser.add_argument("--results", type=Path, default=None, help="default: experiments/results/<table>-<profile>")
+    parser.add_argument("--force", action="store_true", help="rerun rows already done (earlier runs are kept aside)")
+    args, extra_flags = parser.parse_known_args(argv)
+
+    profiles = json.loads((CONFIGS / args.table / "profiles.json").read_text())
+    if args.profile not in profiles:
+        sys.exit(f"error: unknown profile {args.profile!r}; choose from {', '.join(profiles)}")
+    profile = profiles[args.profile]
+    results = args.results or Path(__file__).resolve().parent / "results" / f"{args.table}-{args.profile}"
+    rows = load_rows(args.table, args.only)
+    for name, row in rows.items():
+        for seed in args.seeds or profile["seeds"]:
+            out = results / "runs" / f"{name}-seed{seed}"
+            if (out / DONE_MARKER).is_file() and not args.force:
+                print(f"{out.name}: done, skipped")
+            else:
+                if out.exists():
+                    set_aside(out, "replaced" if (out / DONE_MARKER).is_file() else "interrupted")
+                command = [sys.executable, "-m", "detect_waste_cls.cli", "train", "--data", str(args.data),
+                           "--out", str(out), "--seed", str(seed), "--no-progress-bar",
+                           *as_flags(row), *as_flags(profile["flags"]), *extra_flags]
+                print(f"{out.name}: running", flush=True)
+                wall = run_row(command, out, results / "logs" / f"{out.name}.log", name, seed)
+                print(f"{out.name}: {wall:.0f} s", flush=True)
+    # The table covers every finished run here, not only this invocation's rows.
+    table = write_tables(results, [summarize_run(run) for run in finished_runs(results)])
+    print(table.to_string(index=False))
+    print(f"\nwrote {results / 'table.md'} and {results / 'table.csv'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""The results-table runner on its smoke profile, and the analysis notebook on its output."""
+
+import json
+import os
+
+import nbformat
+import pandas as pd
+import pytest
+from nbclient import NotebookClient
+
+from conftest import COLOURS, REPO_ROOT, make_tree
+from experiments import reproduce
+
+PAPER_ROWS = sorted(p.stem for p in (REPO_ROOT / "experiments/configs/paper").glob("*.json") if p.stem != "profiles")
+
+
+def test_paper_table_has_one_config_per_original_row():
+    rows = [json.loads((REPO_ROOT / f"experiments/configs/paper/{name}.json").read_text()) for name in PAPER_ROWS]
+    combos = {(r["model"], r["weighted-sampler"], r["pseudo"]) for r in rows}
+    assert len(combos) == len(rows) == 18
+    assert {r["model"] for r in rows} == {"efficientnet-b2", "efficientnet-b4", "resnet50"}
+
+
+@pytest.fixture(scope="module")
+def smoke_results(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reproduce")
+    counts = {"train": {n: 4 for n in COLOURS}, "test": {n: 2 for n in COLOURS}}
+    data = make_tree(root / "data", counts, pseudo=6, pseudo_subfolders=True)
+    results = root / "results"
+    assert reproduce.main(["--data", str(data), "--profile", "smoke", "--results", str(results)]) == 0
+    return data, results
+
+
+def test_smoke_profile_fills_every_row_from_real_runs(smoke_results):
+    _, results = smoke_results
+    table = pd.read_csv(results / "table.csv")
+    assert sorted(table.row) == PAPER_ROWS
+    assert table[["ACC", "balanced ACC", "macro-F1", "wall time (s)"]].notna().all().all()
+    assert (table.classes == 3).all() and (table["image size"] == 32).all() and (table.epochs == 1).all()
+    pseudo_rows = table.pseudolabeling != "none"
+    assert table.loc[pseudo_rows, "pseudo-label ACC"].notna().all()
+    assert table.loc[~pseudo_rows, "pseudo-label ACC"].isna().all()
+    for _, row in table.iterrows():  # every number comes from that row's own run
+        metrics = json.loads((results / "runs" / f"{row.row}-seed0" / "metrics.json").read_text())
+        assert row.ACC == pytest.approx(metrics["accuracy"])
+    assert "| row" in (results / "table.md").read_text()
+
+
+def test_rerun_skips_done_rows_and_sets_interrupted_ones_aside(smoke_results, capsys):
+    data, results = smoke_results
+    interrupted = results / "runs" / "effb2_random_none-seed1"
+    interrupted.mkdir(parents=True)
+    (interrupted / "partial.txt").write_text("from a run that was killed")
+    assert reproduce.main(["--data", str(data), "--profile", "smoke", "--results", str(results),
+                           "--only", "effb2_random_none", "resnet50_weighted_per-epoch", "--seeds", "0", "1"]) == 0
+    output = capsys.readouterr().out
+    assert output.count("done, skipped") == 2 and output.count(": running") == 2
+    assert (results / "runs" / "effb2_random_none-seed1.interrupted-1" / "partial.txt").is_file()
+    assert (results / "runs" / "effb2_random_none-seed1" / "metrics.json").is_file()
+
+
+def test_results_notebook_runs_on_smoke_output(smoke_results, monkeypatch):
+    _, results = smoke_results
+    monkeypatch.setenv("DWC_TABLE", str(results / "table.csv"))
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    notebook = nbformat.read(REPO_ROOT / "notebooks" / "results.ipynb", as_version=4)
+    NotebookClient(notebook, timeout=120, kernel_name="python3",
+                   resources={"metadata": {"path": str(REPO_ROOT / "notebooks")}}).execute()
+    images = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs
+              if "image/png" in o.get("data", {})]
+    assert len(images) >= 3  # bar chart, curves, confusion matrix (and per-class F1)

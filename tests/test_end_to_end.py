@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import PYTHON, REPO_ROOT, make_tree, train_args
+from conftest import PYTHON, REPO_ROOT, make_tree, train_args, write_image
 from detect_waste_cls.cli import main
 from detect_waste_cls.evaluate import EVALUATION_FILES
 from detect_waste_cls.train import create_run_dir
@@ -124,3 +124,45 @@ def test_default_run_folders_are_never_reused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     first, second = create_run_dir(None, "resnet50"), create_run_dir(None, "resnet50")
     assert first != second and first.is_dir() and second.is_dir()
+
+
+def test_neptune_without_a_token_writes_an_offline_run_matching_the_csv_log(tmp_path, monkeypatch, capsys):
+    from detect_waste_cls.tracking import read_offline_neptune_run
+
+    for name in ("NEPTUNE_API_TOKEN", "NEPTUNE_MODE", "NEPTUNE_PROJECT"):
+        monkeypatch.delenv(name, raising=False)
+    data = make_tree(tmp_path / "d", {"train": {"glass": 6, "metal": 6}, "test": {"glass": 2, "metal": 2}})
+    out = tmp_path / "run"
+    assert main(train_args(data, out, "--neptune")) == 0
+    assert "offline" in capsys.readouterr().out
+    neptune = read_offline_neptune_run(out)
+    csv = pd.read_csv(out / "metrics.csv")
+    for column in ("train/loss", "val/loss", "val/accuracy"):
+        assert [value for _, value in neptune[f"metrics/{column}"]] == pytest.approx(csv[column].dropna().tolist())
+    saved = json.loads((out / "metrics.json").read_text())
+    assert neptune["metrics/test/accuracy"][-1][1] == pytest.approx(saved["accuracy"])
+    assert "simple-cnn" in neptune["sys/tags"][-1][1]
+
+
+def test_pseudo_labeling_works_with_weighted_sampler_and_mixed_precision(tmp_path):
+    counts = {"train": {"glass": 10, "metal": 3, "paper": 3}, "test": {"glass": 2, "metal": 2, "paper": 2}}
+    data = make_tree(tmp_path / "d", counts, pseudo=9)
+    out = tmp_path / "run"
+    assert main(train_args(data, out, "--pseudo", "per_batch", "--weighted-sampler", "--precision", "bf16-mixed",
+                           "--pseudo-start", "0", "--pseudo-threshold", "0", "--pseudo-rampup", "0")) == 0
+    labels = pd.read_csv(out / "pseudo_labels.csv")
+    assert len(labels) == 9 and labels.label.notna().all() and labels.epoch.between(0, 1).all()
+    assert pd.read_csv(out / "metrics.csv")["pseudo/mask_rate"].dropna().iloc[-1] == 1.0
+
+
+def test_prepare_split_cli_refuses_a_second_run_without_overwrite(tmp_path, capsys):
+    source = tmp_path / "classes"
+    for name in ("glass", "metal"):
+        for i in range(5):
+            write_image(source / name / f"{name}{i}.jpg", (i * 40, 90, 200), seed=i)
+    split = ["prepare", "split", "--src", str(source), "--dst", str(tmp_path / "tree"), "--test", "0.2", "--pseudo", "0.4"]
+    assert main(split) == 0
+    manifest = pd.read_csv(tmp_path / "tree" / "manifest.csv")
+    assert manifest.groupby("class").size().to_dict() == {"glass": 5, "metal": 5}
+    assert main(split) == 2 and "--overwrite" in capsys.readouterr().err
+    assert main([*split, "--overwrite"]) == 0

@@ -62,7 +62,6 @@ def test_rerun_skips_done_rows_and_sets_interrupted_ones_aside(smoke_results, ca
 def test_results_notebook_runs_on_smoke_output(smoke_results, monkeypatch):
     _, results = smoke_results
     monkeypatch.setenv("DWC_TABLE", str(results / "table.csv"))
-    monkeypatch.setenv("MPLBACKEND", "Agg")
     notebook = nbformat.read(REPO_ROOT / "notebooks" / "results.ipynb", as_version=4)
     NotebookClient(notebook, timeout=120, kernel_name="python3",
                    resources={"metadata": {"path": str(REPO_ROOT / "notebooks")}}).execute()

@@ -6,7 +6,6 @@ import argparse
 import json
 import logging
 import os
-import warnings
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -26,9 +25,6 @@ from detect_waste_cls.pseudo.callbacks import PseudoLabelRefresh
 from detect_waste_cls.tracking import NeptuneLogger, build_loggers, log_evaluation
 
 log = logging.getLogger(__name__)
-
-# The run folder already holds config.json when the CSV logger first looks at it.
-warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
 
 # DDP re-launches this program once per extra rank; they find the run folder rank 0 chose here.
 RUN_DIR_ENV = "DETECT_WASTE_CLS_RUN_DIR"

@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                     set_aside(out, "replaced" if (out / DONE_MARKER).is_file() else "interrupted")
                 command = [sys.executable, "-m", "detect_waste_cls.cli", "train", "--data", str(args.data),
                            "--out", str(out), "--seed", str(seed), "--no-progress-bar",
-                           *as_flags(row), *as_flags(profile["flags"]), *extra_flags]
+                           *as_flags(profile["flags"]), *as_flags(row), *extra_flags]  # the row's own flags win
                 print(f"{out.name}: running", flush=True)
                 wall = run_row(command, out, results / "logs" / f"{out.name}.log", name, seed)
                 print(f"{out.name}: {wall:.0f} s", flush=True)

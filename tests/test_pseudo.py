@@ -9,6 +9,7 @@ import torch
 
 from conftest import COLOURS, PYTHON, REPO_ROOT, make_tree, train_args
 from detect_waste_cls.cli import main
+from detect_waste_cls.errors import UserInputError
 from detect_waste_cls.pseudo.loss import linear_rampup, masked_pseudo_label_loss
 from detect_waste_cls.pseudo.store import PseudoLabelStore
 
@@ -54,7 +55,7 @@ def test_store_round_trips_through_a_safe_checkpoint_file(tmp_path):
     assert restored.labels.tolist() == [-1, 2, -1, 0, -1]
     assert restored.confidence.tolist() == pytest.approx([0, 0.9, 0, 0.6, 0])
     assert restored.epoch.tolist() == [-1, 5, -1, 4, -1]
-    with pytest.raises(ValueError, match="same data"):
+    with pytest.raises(UserInputError, match="same data"):
         PseudoLabelStore(6).load_state_dict(store.state_dict())
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from detect_waste_cls.errors import UserInputError
+
 
 class PseudoLabelStore:
     """label (-1 until first set), confidence and the epoch it was last set, per pseudolabel image.
@@ -53,7 +55,7 @@ class PseudoLabelStore:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if len(state["labels"]) != len(self):
-            raise ValueError(
+            raise UserInputError(
                 f"the checkpoint's pseudo-labels cover {len(state['labels'])} images, "
                 f"but the pseudolabel split has {len(self)}: resume with the same data"
             )

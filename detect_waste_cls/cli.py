@@ -12,13 +12,16 @@ from detect_waste_cls.errors import UserInputError
 from detect_waste_cls.pseudo import PSEUDO_MODES
 
 SAMPLE_DATA = Path(__file__).resolve().parents[1] / "data" / "sample"
+# The sample's images are 128 px on their longer side: upscaling them to a native 224+ px adds only compute.
+SAMPLE_IMAGE_SIZE = 96
 
 
 def add_training_arguments(parser: argparse.ArgumentParser, default_model: str, default_mode: str) -> None:
     data = parser.add_argument_group("data")
-    data.add_argument("--data", type=Path, default=SAMPLE_DATA,
+    data.add_argument("--data", type=Path, default=None,
                       help="dataset root holding images_square/{train,test,pseudolabel}, or the images_square folder "
-                           "itself; in test mode any folder of class subfolders (default: the embedded sample)")
+                           f"itself; in test mode any folder of class subfolders (default: the embedded sample, "
+                           f"at {SAMPLE_IMAGE_SIZE} px unless --img-size is given)")
     data.add_argument("--out", type=Path, default=None,
                       help="run folder to create; must be new or empty (default: runs/<model>-<timestamp>)")
     data.add_argument("--img-size", type=int, default=None, help="input size in px (default: the model's native size)")
@@ -143,7 +146,18 @@ def run_prepare(args: argparse.Namespace) -> None:
         print(report.summary())
 
 
+def use_sample_data(args: argparse.Namespace) -> None:
+    """No --data: the embedded sample, at a size that suits its small images, said out loud."""
+    args.data = SAMPLE_DATA
+    if args.img_size is None:
+        args.img_size = SAMPLE_IMAGE_SIZE
+    print(f"no --data given: training on the embedded sample {SAMPLE_DATA} at {args.img_size} px "
+          f"(pass --data DIR for your own images)")
+
+
 def dispatch(args: argparse.Namespace) -> None:
+    if getattr(args, "data", "") is None:
+        use_sample_data(args)
     if args.command == "prepare":
         run_prepare(args)
     elif args.command == "predict":

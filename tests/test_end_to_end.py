@@ -166,3 +166,14 @@ def test_prepare_split_cli_refuses_a_second_run_without_overwrite(tmp_path, caps
     assert manifest.groupby("class").size().to_dict() == {"glass": 5, "metal": 5}
     assert main(split) == 2 and "--overwrite" in capsys.readouterr().err
     assert main([*split, "--overwrite"]) == 0
+
+
+def test_no_data_trains_on_the_embedded_sample_at_its_own_size(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), "--model", "simple-cnn", "--epochs", "1", "--num-workers", "0",
+                 "--accelerator", "cpu", "--no-progress-bar"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["image_size"] == 96 and config["data"].endswith("data/sample")
+    assert config["classes"] == ["cardboard", "glass", "metal", "paper", "plastic", "trash"]
+    assert "embedded sample" in capsys.readouterr().out
+    assert json.loads((out / "metrics.json").read_text())["num_images"] == 24

@@ -7,23 +7,20 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
+import matplotlib.pyplot as plt
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader
+from torchmetrics.classification import MulticlassConfusionMatrix
+from torchmetrics.functional.classification import multiclass_f1_score, multiclass_precision, multiclass_recall
 
+from detect_waste_cls.data.categories import resolve_test_folder, scan_labeled_folder
+from detect_waste_cls.data.datasets import ImageDataset
+from detect_waste_cls.data.transforms import EvalPreset
+from detect_waste_cls.models.classifier import load_classifier
+
+# Evaluation writes files; it must work on machines without a display.
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
-from torchmetrics.classification import MulticlassConfusionMatrix  # noqa: E402
-from torchmetrics.functional.classification import (  # noqa: E402
-    multiclass_f1_score,
-    multiclass_precision,
-    multiclass_recall,
-)
-
-from detect_waste_cls.data.categories import resolve_test_folder, scan_labeled_folder  # noqa: E402
-from detect_waste_cls.data.datasets import ImageDataset  # noqa: E402
-from detect_waste_cls.data.transforms import EvalPreset  # noqa: E402
-from detect_waste_cls.models.classifier import load_classifier  # noqa: E402
 
 EVALUATION_FILES = ("metrics.json", "classification_report.txt", "confusion_matrix.png", "predictions.csv")
 

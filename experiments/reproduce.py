@@ -106,7 +106,7 @@ def write_tables(results: Path, runs: list[dict]) -> pd.DataFrame:
     if table.seed.nunique() > 1:
         grouped = table.groupby(["row", "model", "sampler", "pseudolabeling"])[metric_columns]
         summary = grouped.mean().round(4).astype(str) + " ± " + grouped.std().round(4).astype(str)
-        text += f"\n## Mean ± std over seeds {sorted(table.seed.unique())}\n\n" + summary.reset_index().to_markdown(index=False) + "\n"
+        text += f"\n## Mean ± std over seeds {sorted(table.seed.unique().tolist())}\n\n" + summary.reset_index().to_markdown(index=False) + "\n"
     (results / "table.md").write_text(text)
     return table
 

@@ -1,7 +1,6 @@
 """The results-table runner on its smoke profile, and the analysis notebook on its output."""
 
 import json
-import os
 
 import nbformat
 import pandas as pd

@@ -105,7 +105,8 @@ def write_tables(results: Path, runs: list[dict]) -> pd.DataFrame:
     text = "# Results\n\n" + table.to_markdown(index=False, floatfmt=".4f") + "\n"
     if table.seed.nunique() > 1:
         grouped = table.groupby(["row", "model", "sampler", "pseudolabeling"])[metric_columns]
-        summary = grouped.mean().round(4).astype(str) + " ± " + grouped.std().round(4).astype(str)
+        spread = grouped.std().round(4).map(lambda std: "" if pd.isna(std) else f" ± {std}")  # one seed: no std
+        summary = grouped.mean().round(4).map(lambda mean: "" if pd.isna(mean) else str(mean)) + spread
         text += f"\n## Mean ± std over seeds {sorted(table.seed.unique().tolist())}\n\n" + summary.reset_index().to_markdown(index=False) + "\n"
     (results / "table.md").write_text(text)
     return table

@@ -17,7 +17,7 @@ from torchmetrics.functional.classification import multiclass_f1_score, multicla
 from detect_waste_cls.data.categories import resolve_test_folder, scan_labeled_folder
 from detect_waste_cls.data.datasets import ImageDataset
 from detect_waste_cls.data.transforms import EvalPreset
-from detect_waste_cls.models.classifier import load_classifier
+from detect_waste_cls.models.classifier import LitterClassifier, load_classifier
 
 # Evaluation writes files; it must work on machines without a display.
 matplotlib.use("Agg")
@@ -89,13 +89,18 @@ def write_evaluation(
     return metrics
 
 
+def predict_paths(model: LitterClassifier, paths: Sequence[Path], *, batch_size: int = 64, num_workers: int = 0) -> torch.Tensor:
+    """Class probabilities for each image, in the order of `paths`, at the checkpoint's own input size."""
+    dataset = ImageDataset(paths, {"image": EvalPreset(size=model.hparams.image_size)})
+    probabilities, indices = model.predict_loader(DataLoader(dataset, batch_size=batch_size, num_workers=num_workers))
+    return probabilities[indices.argsort()]
+
+
 def evaluate_folder(
     checkpoint: Path, folder: Path, out_dir: Path, *, batch_size: int = 64, num_workers: int = 0, device: str = "cpu"
 ) -> dict:
     """Score a checkpoint on a folder of class subfolders (only classes the checkpoint knows)."""
     model = load_classifier(checkpoint).to(device)
     images = scan_labeled_folder(resolve_test_folder(folder), model.classes)
-    dataset = ImageDataset(images.paths, {"image": EvalPreset(size=model.hparams.image_size)}, images.targets)
-    probabilities, indices = model.predict_loader(DataLoader(dataset, batch_size=batch_size, num_workers=num_workers))
-    order = indices.argsort()
-    return write_evaluation(out_dir, images.paths, torch.tensor(images.targets), probabilities[order], model.classes)
+    probabilities = predict_paths(model, images.paths, batch_size=batch_size, num_workers=num_workers)
+    return write_evaluation(out_dir, images.paths, torch.tensor(images.targets), probabilities, model.classes)

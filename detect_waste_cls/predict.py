@@ -5,12 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pandas as pd
-from torch.utils.data import DataLoader
-
 from detect_waste_cls.data.categories import scan_images
-from detect_waste_cls.data.datasets import ImageDataset
-from detect_waste_cls.data.transforms import EvalPreset
 from detect_waste_cls.errors import UserInputError
+from detect_waste_cls.evaluate import predict_paths
 from detect_waste_cls.models.classifier import load_classifier
 
 
@@ -25,9 +22,8 @@ def predict_folder(checkpoint: Path, images: Path, out_csv: Path, *, batch_size:
     report.warn_skipped(images)
     if not report.paths:
         raise UserInputError(f"no readable images under {images}")
-    dataset = ImageDataset(report.paths, {"image": EvalPreset(size=model.hparams.image_size)})
-    probabilities, indices = model.predict_loader(DataLoader(dataset, batch_size=batch_size))
-    confidences, labels = probabilities[indices.argsort()].topk(min(top_k, len(model.classes)), dim=1)
+    probabilities = predict_paths(model, report.paths, batch_size=batch_size)
+    confidences, labels = probabilities.topk(min(top_k, len(model.classes)), dim=1)
     rows = []
     for path, label_row, confidence_row in zip(report.paths, labels.tolist(), confidences.tolist()):
         row = {"path": str(path), "label": model.classes[label_row[0]], "confidence": confidence_row[0]}

@@ -19,7 +19,7 @@ from detect_waste_cls.curves import plot_training_curves
 from detect_waste_cls.data.datamodule import WasteDataModule
 from detect_waste_cls.errors import UserInputError
 from detect_waste_cls.evaluate import evaluate_folder, format_report
-from detect_waste_cls.models.backbones import get_backbone
+from detect_waste_cls.models.backbones import get_backbone, load_torch_file
 from detect_waste_cls.models.classifier import LitterClassifier
 from detect_waste_cls.pseudo.callbacks import PseudoLabelRefresh
 from detect_waste_cls.tracking import NeptuneLogger, build_loggers, log_evaluation
@@ -68,9 +68,7 @@ def device_settings(args: argparse.Namespace) -> dict:
 
 
 def check_checkpoint_classes(checkpoint: Path, classes: Sequence[str]) -> None:
-    if not Path(checkpoint).is_file():
-        raise UserInputError(f"checkpoint not found: {checkpoint}")
-    saved = torch.load(checkpoint, map_location="cpu", weights_only=True).get("hyper_parameters", {}).get("classes")
+    saved = load_torch_file(checkpoint, "checkpoint").get("hyper_parameters", {}).get("classes")
     if saved != list(classes):
         raise UserInputError(f"{checkpoint} was trained on classes {saved}, but the data has {list(classes)}")
 

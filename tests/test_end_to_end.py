@@ -177,3 +177,10 @@ def test_no_data_trains_on_the_embedded_sample_at_its_own_size(tmp_path, capsys)
     assert config["classes"] == ["cardboard", "glass", "metal", "paper", "plastic", "trash"]
     assert "embedded sample" in capsys.readouterr().out
     assert json.loads((out / "metrics.json").read_text())["num_images"] == 24
+
+
+def test_resume_from_an_unreadable_checkpoint_is_a_one_line_error(tiny_tree, tmp_path, capsys):
+    broken = tmp_path / "last.ckpt"
+    broken.write_bytes(b"not a checkpoint")
+    assert main(train_args(tiny_tree, tmp_path / "r", "--resume", str(broken))) == 2
+    assert f"cannot read checkpoint {broken}" in capsys.readouterr().err

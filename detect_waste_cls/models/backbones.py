@@ -97,15 +97,23 @@ def load_matching_weights(model: nn.Module, state_dict: dict[str, torch.Tensor],
     return resized
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """A plain state dict, or the `state_dict` of a Lightning checkpoint, loaded without unpickling code."""
+def load_torch_file(path: str | Path, what: str = "weights file", map_location="cpu") -> dict:
+    """A checkpoint or state dict, loaded without unpickling code; a missing or unreadable file names itself."""
     path = Path(path)
     if not path.is_file():
-        raise UserInputError(f"weights file not found: {path}")
+        raise UserInputError(f"{what} not found: {path}")
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        loaded = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises several types for a file that is not a safe checkpoint
-        raise UserInputError(f"cannot read weights from {path}: {error}") from error
+        raise UserInputError(f"cannot read {what} {path}: {error}") from error
+    if not isinstance(loaded, dict):
+        raise UserInputError(f"{path} holds no state dict or checkpoint")
+    return loaded
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A plain state dict, or the `state_dict` of a Lightning checkpoint."""
+    loaded = load_torch_file(path)
     return loaded.get("state_dict", loaded)
 
 

@@ -12,7 +12,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from detect_waste_cls.errors import UserInputError
-from detect_waste_cls.models.backbones import create_backbone
+from detect_waste_cls.models.backbones import create_backbone, load_torch_file
 from detect_waste_cls.pseudo.loss import linear_rampup, masked_pseudo_label_loss
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -136,14 +136,8 @@ class LitterClassifier(pl.LightningModule):
 
 def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") -> LitterClassifier:
     """Rebuild a LitterClassifier from one of our checkpoints without unpickling arbitrary code."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserInputError(f"checkpoint not found: {path}")
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:  # torch raises several types for a file that is not a safe checkpoint
-        raise UserInputError(f"cannot read checkpoint {path}: {error}") from error
-    hparams = checkpoint.get("hyper_parameters", {}) if isinstance(checkpoint, dict) else {}
+    checkpoint = load_torch_file(path, "checkpoint", map_location)
+    hparams = checkpoint.get("hyper_parameters", {})
     if "classes" not in hparams or "model_name" not in hparams:
         raise UserInputError(f"{path} is not a detect-waste-cls checkpoint (no class list or model name in it)")
     model = LitterClassifier(**hparams)

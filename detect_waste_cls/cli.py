@@ -48,7 +48,8 @@ def add_training_arguments(parser: argparse.ArgumentParser, default_model: str, 
     pseudo = parser.add_argument_group("pseudo-labeling")
     pseudo.add_argument("--pseudo", "--pseudolabel_mode", choices=PSEUDO_MODES, default="none",
                         help="relabel the pseudolabel split every epoch or every batch (default: none)")
-    pseudo.add_argument("--pseudo-start", type=int, default=5, help="first epoch that uses pseudo-labels (default: 5)")
+    pseudo.add_argument("--pseudo-start", type=int, default=None,
+                        help="first epoch that uses pseudo-labels (default: half of --epochs)")
     pseudo.add_argument("--pseudo-threshold", type=float, default=0.9,
                         help="only pseudo-labels at least this confident enter the loss; 0 uses all (default: 0.9)")
     pseudo.add_argument("--pseudo-weight", type=float, default=1.0, help="weight of the pseudo-label loss term")
@@ -169,6 +170,9 @@ def dispatch(args: argparse.Namespace) -> None:
     else:
         from detect_waste_cls.train import run_training
 
+        if args.pseudo_start is None:
+            # The teacher should have trained for a while first; see the README's pseudo-labeling study.
+            args.pseudo_start = args.epochs // 2
         run_training(args)
 
 

@@ -3,8 +3,8 @@
     python -m experiments.reproduce --data TREE [--table paper] [--profile smoke|full] [--only ROW ...] [--force]
 
 Each row is a JSON file in experiments/configs/<table>/ whose keys are the training CLI's own
-flags; profiles.json there adds the flags of each profile (tiny CPU runs, or the real recipe)
-and the seeds. Rows already done are skipped, so an interrupted run resumes where it stopped.
+flags; profiles.json there adds the flags of each profile (tiny CPU runs, or the real recipe),
+the seeds, and optionally a baseline row that every other row is compared with seed by seed. Rows already done are skipped, so an interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -89,6 +89,7 @@ def summarize_run(run: Path) -> dict:
         "balanced ACC": metrics["balanced_accuracy"],
         "macro-F1": metrics["macro_f1"],
         "pseudo-label ACC": last_logged(run / "metrics.csv", "pseudo/accuracy"),
+        "confident pseudo-label ACC": last_logged(run / "metrics.csv", "pseudo/confident_accuracy"),
         "sampler": "weighted" if config["weighted_sampler"] else "random",
         "pseudolabeling": config["pseudo"],
         "epochs": config["epochs"],
@@ -98,16 +99,38 @@ def summarize_run(run: Path) -> dict:
     }
 
 
-def write_tables(results: Path, runs: list[dict]) -> pd.DataFrame:
+def paired_differences(table: pd.DataFrame, baseline: str) -> pd.DataFrame:
+    """Each row minus the baseline row trained with the same seed, as mean ± std over the shared seeds.
+
+    Runs with one seed start from the same weights and data order (a pseudo-labeling run even
+    trains identically until --pseudo-start), so per-seed differences are far less noisy than
+    comparing means.
+    """
+    metrics = ["ACC", "balanced ACC", "macro-F1"]
+    reference = table[table.row == baseline].set_index("seed")[metrics]
+    paired = table[table.row != baseline].merge(reference, left_on="seed", right_index=True, suffixes=("", " baseline"))
+    differences = pd.DataFrame({"row": paired.row})
+    for metric in metrics:
+        differences[f"Δ {metric}"] = paired[metric] - paired[f"{metric} baseline"]
+    grouped = differences.groupby("row")
+    summary = grouped.mean().map("{:+.4f}".format) + grouped.std().map(lambda s: "" if pd.isna(s) else f" ± {s:.4f}")
+    summary["ACC better on"] = grouped["Δ ACC"].agg(lambda d: f"{int((d > 0).sum())} of {len(d)} seeds")
+    return summary.reset_index()
+
+
+def write_tables(results: Path, runs: list[dict], baseline: str | None = None) -> pd.DataFrame:
     table = pd.DataFrame(runs).sort_values(["row", "seed"])
     table.to_csv(results / "table.csv", index=False)
-    metric_columns = ["ACC", "balanced ACC", "macro-F1", "pseudo-label ACC"]
+    metric_columns = ["ACC", "balanced ACC", "macro-F1", "pseudo-label ACC", "confident pseudo-label ACC"]
     text = "# Results\n\n" + table.to_markdown(index=False, floatfmt=".4f") + "\n"
     if table.seed.nunique() > 1:
         grouped = table.groupby(["row", "model", "sampler", "pseudolabeling"])[metric_columns]
         spread = grouped.std().round(4).map(lambda std: "" if pd.isna(std) else f" ± {std}")  # one seed: no std
         summary = grouped.mean().round(4).map(lambda mean: "" if pd.isna(mean) else str(mean)) + spread
         text += f"\n## Mean ± std over seeds {sorted(table.seed.unique().tolist())}\n\n" + summary.reset_index().to_markdown(index=False) + "\n"
+    if baseline is not None and baseline in set(table.row):
+        text += (f"\n## Difference from {baseline}, paired by seed (mean ± std)\n\n"
+                 + paired_differences(table, baseline).to_markdown(index=False) + "\n")
     (results / "table.md").write_text(text)
     return table
 
@@ -144,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                 wall = run_row(command, out, results / "logs" / f"{out.name}.log", name, seed)
                 print(f"{out.name}: {wall:.0f} s", flush=True)
     # The table covers every finished run here, not only this invocation's rows.
-    table = write_tables(results, [summarize_run(run) for run in finished_runs(results)])
+    table = write_tables(results, [summarize_run(run) for run in finished_runs(results)], profile.get("baseline"))
     print(table.to_string(index=False))
     print(f"\nwrote {results / 'table.md'} and {results / 'table.csv'}")
     return 0

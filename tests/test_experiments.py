@@ -67,3 +67,21 @@ def test_results_notebook_runs_on_smoke_output(smoke_results, monkeypatch):
     images = [o for cell in notebook.cells if cell.cell_type == "code" for o in cell.outputs
               if "image/png" in o.get("data", {})]
     assert len(images) >= 3  # bar chart, curves, confusion matrix (and per-class F1)
+
+
+def test_rows_are_compared_with_the_baseline_trained_on_the_same_seed():
+    runs = pd.DataFrame(
+        {
+            "row": ["base", "base", "pseudo", "pseudo", "pseudo"],
+            "seed": [0, 1, 0, 1, 2],
+            "ACC": [0.50, 0.60, 0.55, 0.58, 0.90],
+            "balanced ACC": [0.4, 0.5, 0.4, 0.5, 0.9],
+            "macro-F1": [0.3, 0.3, 0.4, 0.4, 0.9],
+        }
+    )
+    difference = reproduce.paired_differences(runs, "base").set_index("row").loc["pseudo"]
+    # seed 2 has no baseline run and is left out
+    assert difference["Δ ACC"] == "+0.0150 ± 0.0495"
+    assert difference["Δ balanced ACC"] == "+0.0000 ± 0.0000"
+    assert difference["Δ macro-F1"] == "+0.1000 ± 0.0000"
+    assert difference["ACC better on"] == "1 of 2 seeds"

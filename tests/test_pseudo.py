@@ -1,5 +1,6 @@
 """Pseudo-labeling: loss arithmetic, the store, folder labels kept out of the loss, DDP and resume."""
 
+import json
 import shutil
 import subprocess
 
@@ -61,8 +62,11 @@ def test_store_round_trips_through_a_safe_checkpoint_file(tmp_path):
 
 def test_store_accuracy_counts_only_images_with_both_labels():
     store = PseudoLabelStore(4)
-    store.update(torch.tensor([0, 1, 2]), torch.tensor([1, 1, 0]), torch.ones(3), epoch=0)
+    store.update(torch.tensor([0, 1, 2]), torch.tensor([1, 1, 0]), torch.tensor([0.6, 0.95, 0.99]), epoch=0)
     assert store.accuracy(torch.tensor([1, 0, -1, 2])) == pytest.approx(0.5)
+    assert store.accuracy(torch.tensor([1, 0, -1, 2]), threshold=0.9) == 0.0  # only image 1 is confident and known
+    assert store.accuracy(torch.tensor([1, 1, -1, 2]), threshold=0.9) == 1.0
+    assert store.confident(0.9).tolist() == [False, True, True, False]
     assert store.accuracy(torch.tensor([-1, -1, -1, -1])) is None
 
 
@@ -84,6 +88,7 @@ def test_folder_labels_never_reach_the_loss(tmp_path, mode):
         assert main(train_args(data, data / "run", "--pseudo", mode, *PSEUDO_ARGS)) == 0
         logs.append(pd.read_csv(data / "run" / "metrics.csv"))
     assert "pseudo/accuracy" in logs[0] and "pseudo/accuracy" not in logs[1]
+    assert "pseudo/confident_accuracy" in logs[0] and "pseudo/confident_fraction" in logs[1]
     shared = [c for c in logs[0].columns if c in logs[1].columns]
     assert {"train/loss", "pseudo/loss", "pseudo/mask_rate", "val/loss"} <= set(shared)
     pd.testing.assert_frame_equal(logs[0][shared], logs[1][shared])
@@ -116,3 +121,34 @@ def test_ddp_ranks_hold_identical_stores_and_resume_restores_them(tmp_path):
             assert torch.equal(restored[key], saved[key]), (rank, key)
     resumed_log = pd.read_csv(tmp_path / "second" / "metrics.csv")
     assert resumed_log["epoch"].dropna().astype(int).unique().tolist() == [2]
+
+
+def test_pseudo_labels_start_halfway_through_training_by_default(tmp_path):
+    data = make_tree(tmp_path / "data", {"train": {n: 6 for n in COLOURS}, "test": {n: 2 for n in COLOURS}}, pseudo=12)
+    args = train_args(data, tmp_path / "run", "--pseudo", "per_epoch", "--pseudo-threshold", "0")
+    args[args.index("--epochs") + 1] = "4"
+    assert main(args) == 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["pseudo_start"] == 2
+    labels = pd.read_csv(tmp_path / "run" / "pseudo_labels.csv")
+    assert labels.epoch.eq(3).all()  # refreshed at epochs 2 and 3, never before
+    refreshes = pd.read_csv(tmp_path / "run" / "metrics.csv").dropna(subset=["pseudo/label_changes"])
+    assert refreshes.epoch.astype(int).tolist() == [2, 3]
+
+
+@pytest.mark.parametrize("mode", ["per_batch", "per_epoch"])
+def test_same_seed_trains_exactly_like_no_pseudo_labels_until_the_start_epoch(tmp_path, mode):
+    """So a pseudo-labeling run and its baseline can be compared seed by seed."""
+    counts = {"train": {name: 6 for name in COLOURS}, "test": {name: 2 for name in COLOURS}}
+    data = make_tree(tmp_path / "data", counts, pseudo=12)
+    logs = {}
+    pseudo = ("--pseudo", mode, "--pseudo-start", "2", "--pseudo-threshold", "0", "--pseudo-rampup", "0")
+    for name, flags in {"none": (), mode: pseudo}.items():
+        args = train_args(data, tmp_path / name, *flags)
+        args[args.index("--epochs") + 1] = "3"
+        assert main(args) == 0
+        logs[name] = pd.read_csv(tmp_path / name / "metrics.csv")
+    columns = ["epoch", "step", "train/loss", "val/loss", "val/accuracy"]
+    before, after = ({name: log[columns][selector(log.epoch)].dropna(how="all", subset=columns[2:]).reset_index(drop=True)
+                      for name, log in logs.items()} for selector in (lambda e: e < 2, lambda e: e == 2))
+    pd.testing.assert_frame_equal(before["none"], before[mode])
+    assert not after["none"]["train/loss"].equals(after[mode]["train/loss"])

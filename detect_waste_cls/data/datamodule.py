@@ -144,12 +144,16 @@ class WasteDataModule(pl.LightningDataModule):
         self.pseudo_batch_size = max(1, round(batch_size * pseudo_ratio))
         self.train_view = TrainPreset(size=image_size, seed=seed)
         self.eval_view = EvalPreset(size=image_size)
+        # The pseudolabel split gets its own augmentation stream and loader RNG, so that it takes
+        # no randomness from the labeled side: with one --seed, a pseudo-labeling run trains exactly
+        # like --pseudo none until --pseudo-start, and the two can be compared seed by seed.
+        self.pseudo_train_view = TrainPreset(size=image_size, seed=seed + 1)
 
     @property
     def classes(self) -> list[str]:
         return self.layout.classes
 
-    def _loader(self, dataset, *, batch_size: int, shuffle: bool = False, sampler=None, drop_last: bool = False):
+    def _loader(self, dataset, *, batch_size: int, shuffle=False, sampler=None, drop_last=False, generator=None):
         return DataLoader(
             dataset,
             batch_size=batch_size,
@@ -160,7 +164,11 @@ class WasteDataModule(pl.LightningDataModule):
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
             worker_init_fn=partial(seed_worker_augmentations, rank=self._rank_and_world()[0]),
+            generator=generator,
         )
+
+    def _pseudo_loader(self, dataset, *, batch_size: int, sampler=None):
+        return self._loader(dataset, batch_size=batch_size, sampler=sampler, generator=torch.Generator().manual_seed(self.seed + 1))
 
     def _rank_and_world(self) -> tuple[int, int]:
         trainer = self.trainer
@@ -174,7 +182,7 @@ class WasteDataModule(pl.LightningDataModule):
         """Training view (plus the eval view that per_batch labels from), or the eval view alone."""
         views = {"image": self.eval_view}
         if train:
-            views = {"image": self.train_view}
+            views = {"image": self.pseudo_train_view}
             if self.pseudo_mode == "per_batch":
                 views["eval_image"] = self.eval_view
         return ImageDataset(self.layout.pseudo.paths, views)
@@ -206,7 +214,7 @@ class WasteDataModule(pl.LightningDataModule):
                 rank=rank,
                 seed=self.seed + 1,
             )
-            loaders["pseudo"] = self._loader(pseudo, batch_size=self.pseudo_batch_size, sampler=pseudo_sampler)
+            loaders["pseudo"] = self._pseudo_loader(pseudo, batch_size=self.pseudo_batch_size, sampler=pseudo_sampler)
         return loaders
 
     def val_dataloader(self):
@@ -221,4 +229,4 @@ class WasteDataModule(pl.LightningDataModule):
         """Eval-view loader over this rank's shard (every world_size-th image) of the pseudolabel split."""
         dataset = self.pseudo_dataset(train=False)
         shard = Subset(dataset, range(rank, len(dataset), world_size))
-        return self._loader(shard, batch_size=self.eval_batch_size)
+        return self._pseudo_loader(shard, batch_size=self.eval_batch_size)

@@ -44,6 +44,7 @@ class PseudoLabelRefresh(pl.Callback):
         pseudo = trainer.datamodule.layout.pseudo
         self.paths, self.classes = pseudo.paths, trainer.datamodule.classes
         self.folder_targets = torch.tensor(pseudo.folder_targets, dtype=torch.long)
+        self.threshold = pl_module.hparams.pseudo_threshold
         self.store = PseudoLabelStore(len(pseudo.paths))
         if self._restored_state is not None:
             self.store.load_state_dict(self._restored_state)
@@ -108,12 +109,17 @@ class PseudoLabelRefresh(pl.Callback):
             self._log_store(trainer)
 
     def store_metrics(self) -> dict[str, float]:
-        metrics = {"pseudo/label_changes": self._changed / max(1, self._seen)}
+        metrics = {
+            "pseudo/label_changes": self._changed / max(1, self._seen),
+            "pseudo/confident_fraction": float(self.store.confident(self.threshold).float().mean()),
+        }
         for name, count in zip(self.classes, self.store.class_counts(len(self.classes))):
             metrics[f"pseudo/count/{name}"] = float(count)
-        accuracy = self.store.accuracy(self.folder_targets)
-        if accuracy is not None:
-            metrics["pseudo/accuracy"] = accuracy
+        # Accuracy of every label, and of the labels confident enough to enter the loss.
+        for key, threshold in (("pseudo/accuracy", 0.0), ("pseudo/confident_accuracy", self.threshold)):
+            accuracy = self.store.accuracy(self.folder_targets, threshold)
+            if accuracy is not None:
+                metrics[key] = accuracy
         return metrics
 
     def _log_store(self, trainer: pl.Trainer) -> None:

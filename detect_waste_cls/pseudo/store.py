@@ -43,9 +43,13 @@ class PseudoLabelStore:
         labelled = self.labels[self.labels >= 0]
         return torch.bincount(labelled, minlength=num_classes).tolist()
 
-    def accuracy(self, folder_targets: torch.Tensor) -> float | None:
-        """Agreement with folder labels over images that have both; None when there are none."""
-        known = (folder_targets >= 0) & (self.labels >= 0)
+    def confident(self, threshold: float) -> torch.Tensor:
+        """Which images hold a label that the loss would use at this confidence threshold."""
+        return (self.labels >= 0) & (self.confidence >= threshold)
+
+    def accuracy(self, folder_targets: torch.Tensor, threshold: float = 0.0) -> float | None:
+        """Agreement with folder labels over images that have both (and pass the threshold); None when there are none."""
+        known = (folder_targets >= 0) & self.confident(threshold)
         if not known.any():
             return None
         return float((self.labels[known] == folder_targets[known]).float().mean())

@@ -4,7 +4,8 @@
 
 Each row is a JSON file in experiments/configs/<table>/ whose keys are the training CLI's own
 flags; profiles.json there adds the flags of each profile (tiny CPU runs, or the real recipe),
-the seeds, and optionally a baseline row that every other row is compared with seed by seed. Rows already done are skipped, so an interrupted run resumes where it stopped.
+the seeds, and optionally a baseline row that every other row is compared with seed by seed.
+Rows already done are skipped, so an interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations

@@ -170,9 +170,6 @@ def dispatch(args: argparse.Namespace) -> None:
     else:
         from detect_waste_cls.train import run_training
 
-        if args.pseudo_start is None:
-            # The teacher should have trained for a while first; see the README's pseudo-labeling study.
-            args.pseudo_start = args.epochs // 2
         run_training(args)
 
 

@@ -101,6 +101,9 @@ def build_datamodule(args: argparse.Namespace, image_size: int) -> WasteDataModu
 def run_training(args: argparse.Namespace, extra_callbacks: Sequence[pl.Callback] = ()) -> Path | None:
     """Train, then evaluate the best checkpoint on the test split. Returns the run folder on rank 0."""
     devices = device_settings(args)
+    if args.pseudo_start is None:
+        # The teacher should have trained for a while first; see the README's pseudo-labeling study.
+        args.pseudo_start = args.epochs // 2
     pl.seed_everything(args.seed, workers=True, verbose=False)
     image_size = args.img_size or get_backbone(args.model).image_size
     datamodule = build_datamodule(args, image_size)

@@ -148,7 +148,10 @@ def test_same_seed_trains_exactly_like_no_pseudo_labels_until_the_start_epoch(tm
         assert main(args) == 0
         logs[name] = pd.read_csv(tmp_path / name / "metrics.csv")
     columns = ["epoch", "step", "train/loss", "val/loss", "val/accuracy"]
-    before, after = ({name: log[columns][selector(log.epoch)].dropna(how="all", subset=columns[2:]).reset_index(drop=True)
-                      for name, log in logs.items()} for selector in (lambda e: e < 2, lambda e: e == 2))
-    pd.testing.assert_frame_equal(before["none"], before[mode])
-    assert not after["none"]["train/loss"].equals(after[mode]["train/loss"])
+
+    def logged(name, epochs):
+        log = logs[name]
+        return log.loc[log.epoch.isin(epochs), columns].dropna(how="all", subset=columns[2:]).reset_index(drop=True)
+
+    pd.testing.assert_frame_equal(logged("none", [0, 1]), logged(mode, [0, 1]))
+    assert not logged("none", [2])["train/loss"].equals(logged(mode, [2])["train/loss"])

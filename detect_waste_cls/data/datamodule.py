@@ -140,6 +140,7 @@ class WasteDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.weighted_sampler = weighted_sampler
         self.seed = seed
+        self.pseudo_seed = seed + 1
         self.pseudo_mode = pseudo_mode
         self.pseudo_batch_size = max(1, round(batch_size * pseudo_ratio))
         self.train_view = TrainPreset(size=image_size, seed=seed)
@@ -147,7 +148,7 @@ class WasteDataModule(pl.LightningDataModule):
         # The pseudolabel split gets its own augmentation stream and loader RNG, so that it takes
         # no randomness from the labeled side: with one --seed, a pseudo-labeling run trains exactly
         # like --pseudo none until --pseudo-start, and the two can be compared seed by seed.
-        self.pseudo_train_view = TrainPreset(size=image_size, seed=seed + 1)
+        self.pseudo_train_view = TrainPreset(size=image_size, seed=self.pseudo_seed)
 
     @property
     def classes(self) -> list[str]:
@@ -168,7 +169,8 @@ class WasteDataModule(pl.LightningDataModule):
         )
 
     def _pseudo_loader(self, dataset, *, batch_size: int, sampler=None):
-        return self._loader(dataset, batch_size=batch_size, sampler=sampler, generator=torch.Generator().manual_seed(self.seed + 1))
+        generator = torch.Generator().manual_seed(self.pseudo_seed)
+        return self._loader(dataset, batch_size=batch_size, sampler=sampler, generator=generator)
 
     def _rank_and_world(self) -> tuple[int, int]:
         trainer = self.trainer
@@ -212,7 +214,7 @@ class WasteDataModule(pl.LightningDataModule):
                 num_samples=labeled_batches * self.pseudo_batch_size * world,
                 num_replicas=world,
                 rank=rank,
-                seed=self.seed + 1,
+                seed=self.pseudo_seed,
             )
             loaders["pseudo"] = self._pseudo_loader(pseudo, batch_size=self.pseudo_batch_size, sampler=pseudo_sampler)
         return loaders

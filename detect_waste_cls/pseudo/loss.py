@@ -15,6 +15,11 @@ def linear_rampup(progress: float, start: float, length: float) -> float:
     return min(1.0, (progress - start) / length)
 
 
+def confident_mask(labels: torch.Tensor, confidence: torch.Tensor, threshold: float) -> torch.Tensor:
+    """The pseudo-labels that enter the loss: set (label >= 0) and at least `threshold` confident."""
+    return (labels >= 0) & (confidence >= threshold)
+
+
 def masked_pseudo_label_loss(
     logits: torch.Tensor, labels: torch.Tensor, confidence: torch.Tensor, threshold: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -24,6 +29,6 @@ def masked_pseudo_label_loss(
     gives an exact zero that still depends on every parameter: under DDP every rank runs
     the same graph whatever its mask.
     """
-    mask = (labels >= 0) & (confidence >= threshold)
+    mask = confident_mask(labels, confidence, threshold)
     per_image = F.cross_entropy(logits, labels.clamp(min=0), reduction="none")
     return (per_image * mask).mean(), mask

@@ -9,6 +9,7 @@ import pandas as pd
 import torch
 
 from detect_waste_cls.errors import UserInputError
+from detect_waste_cls.pseudo.loss import confident_mask
 
 
 class PseudoLabelStore:
@@ -45,7 +46,7 @@ class PseudoLabelStore:
 
     def confident(self, threshold: float) -> torch.Tensor:
         """Which images hold a label that the loss would use at this confidence threshold."""
-        return (self.labels >= 0) & (self.confidence >= threshold)
+        return confident_mask(self.labels, self.confidence, threshold)
 
     def accuracy(self, folder_targets: torch.Tensor, threshold: float = 0.0) -> float | None:
         """Agreement with folder labels over images that have both (and pass the threshold); None when there are none."""

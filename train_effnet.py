@@ -5,4 +5,4 @@ import sys
 from detect_waste_cls.cli import main_script
 
 if __name__ == "__main__":
-    sys.exit(main_script(default_model="efficientnet-b0"))
+    sys.exit(main_script(default_model="efficientnet-lite0"))

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from PIL import Image
 
-PER_SPLIT = {"train": 10, "test": 4, "pseudolabel": 5}
-LONGER_SIDE = 128
+PER_SPLIT = {"train": 20, "test": 10, "pseudolabel": 5}
+LONGER_SIDE = 160
 
 
 def main() -> None:

@@ -3,75 +3,54 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
-import os
 import sys
 from pathlib import Path
 
+from detect_waste_cls.config import DEFAULT_MODEL, ModelConfig, TrainConfig, field_type, merge, read_config_file
 from detect_waste_cls.errors import UserInputError
-from detect_waste_cls.pseudo import PSEUDO_MODES
-
-SAMPLE_DATA = Path(__file__).resolve().parents[1] / "data" / "sample"
-# The sample's images are 128 px on their longer side: upscaling them to a native 224+ px adds only compute.
-SAMPLE_IMAGE_SIZE = 96
-
 
 def add_training_arguments(parser: argparse.ArgumentParser, default_model: str, default_mode: str) -> None:
-    data = parser.add_argument_group("data")
-    data.add_argument("--data", type=Path, default=None,
-                      help="dataset root holding images_square/{train,test,pseudolabel}, or the images_square folder "
-                           f"itself; in test mode any folder of class subfolders (default: the embedded sample, "
-                           f"at {SAMPLE_IMAGE_SIZE} px unless --img-size is given)")
-    data.add_argument("--out", type=Path, default=None,
-                      help="run folder to create; must be new or empty (default: runs/<model>-<timestamp>)")
-    data.add_argument("--img-size", type=int, default=None, help="input size in px (default: the model's native size)")
-    data.add_argument("--val-split", type=float, default=0.1,
-                      help="share of train held out, per class, to pick the best checkpoint; 0 validates on test as "
-                           "the original code did (default: 0.1; an images_square/val folder takes precedence)")
-    data.add_argument("--weighted-sampler", "--weighted_sampler", action="store_true",
-                      help="draw training images with inverse class frequency weights (works under DDP)")
-    data.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1), help="dataloader workers per rank")
+    """One flag per TrainConfig field, named, typed and explained by the field itself.
 
-    model = parser.add_argument_group("model and optimisation")
-    model.add_argument("--model", default=default_model, help=f"model name from the registry (default: {default_model})")
-    model.add_argument("--pretrained", action="store_true", help="start from the library's ImageNet weights (downloads)")
-    model.add_argument("--weights", type=Path, default=None, help="start from a local state dict or checkpoint")
-    model.add_argument("--epochs", type=int, default=20)
-    model.add_argument("-b", "--batch-size", type=int, default=16)
-    model.add_argument("--lr", type=float, default=1e-4)
-    model.add_argument("--decay", type=float, default=0.99, help="learning-rate factor per epoch (exponential schedule)")
-    model.add_argument("--optimizer", choices=("adam", "adamw", "sgd"), default="adam")
-    model.add_argument("--scheduler", choices=("exponential", "cosine", "none"), default="exponential")
-    model.add_argument("--weight-decay", type=float, default=0.0)
-    model.add_argument("--seed", type=int, default=42)
-
-    pseudo = parser.add_argument_group("pseudo-labeling")
-    pseudo.add_argument("--pseudo", "--pseudolabel_mode", choices=PSEUDO_MODES, default="none",
-                        help="relabel the pseudolabel split every epoch or every batch (default: none)")
-    pseudo.add_argument("--pseudo-start", type=int, default=None,
-                        help="first epoch that uses pseudo-labels (default: half of --epochs)")
-    pseudo.add_argument("--pseudo-threshold", type=float, default=0.9,
-                        help="only pseudo-labels at least this confident enter the loss; 0 uses all (default: 0.9)")
-    pseudo.add_argument("--pseudo-weight", type=float, default=1.0, help="weight of the pseudo-label loss term")
-    pseudo.add_argument("--pseudo-rampup", type=float, default=5.0,
-                        help="epochs over which that weight rises linearly from 0 after --pseudo-start")
-    pseudo.add_argument("--pseudo-ratio", type=float, default=1.0, help="pseudolabel images per labeled image in a step")
-
-    hardware = parser.add_argument_group("hardware")
-    hardware.add_argument("--gpus", type=int, default=None, help="0 = CPU, N > 1 = DDP on N GPUs")
-    hardware.add_argument("--accelerator", default="auto", help="Lightning accelerator when --gpus is not given")
-    hardware.add_argument("--devices", default="1", help="Lightning devices when --gpus is not given (>1 = DDP)")
-    hardware.add_argument("--precision", default="32-true", help="Lightning precision, e.g. 16-mixed, bf16-mixed")
-
-    run = parser.add_argument_group("run")
+    Defaults stay in the dataclasses: a flag not typed is absent from the parsed namespace, so
+    --config FILE can fill it and the dataclass default applies last.
+    """
+    parser.add_argument("--config", type=Path, default=None,
+                        help="JSON or YAML file of {section: {field: value}}, e.g. a run's config.json; "
+                             "flags given on the command line override it")
+    defaults = TrainConfig(model=ModelConfig(name=default_model))
+    for section_name, section in defaults.sections().items():
+        group = parser.add_argument_group(section_name)
+        for item in dataclasses.fields(section):
+            meta, kind = item.metadata, field_type(type(section), item.name)
+            default = getattr(section, item.name)
+            shown = " ".join(default) if isinstance(default, tuple) else default
+            says_default = default is None or "(default:" in meta["help"]  # unset defaults explain themselves
+            options = {"dest": f"{section_name}.{item.name}", "default": argparse.SUPPRESS,
+                       "help": meta["help"] if says_default else f"{meta['help']} (default: {shown})"}
+            if kind is bool:
+                options["action"] = argparse.BooleanOptionalAction
+            else:
+                options.update(type=str if kind is tuple else kind, choices=meta["choices"], nargs=meta["nargs"])
+                options["metavar"] = item.name.upper() if meta["choices"] is None else None
+            group.add_argument(*meta["flags"], **options)
+    run = parser.add_argument_group("test mode")
     run.add_argument("--mode", choices=("train", "test"), default=default_mode)
     run.add_argument("--checkpoint", type=Path, default=None, help="checkpoint to score in test mode")
-    run.add_argument("--resume", type=Path, default=None, help="continue training from this checkpoint (e.g. last.ckpt)")
-    run.add_argument("--logger", nargs="+", default=["csv"], choices=("csv", "tensorboard", "wandb", "mlflow"))
-    run.add_argument("--neptune", action="store_true",
-                     help="also log to Neptune (NEPTUNE_API_TOKEN from the environment; offline without one)")
-    run.add_argument("--neptune-project", default=None, help="Neptune project (default: $NEPTUNE_PROJECT)")
-    run.add_argument("--progress-bar", action=argparse.BooleanOptionalAction, default=sys.stderr.isatty())
+
+
+def config_from_args(args: argparse.Namespace, default_model: str) -> TrainConfig:
+    """Dataclass defaults, then --config FILE, then the flags typed: the one conversion from the command line."""
+    typed: dict[str, dict] = {}
+    for dest, value in vars(args).items():
+        if "." in dest:
+            section, name = dest.split(".", 1)
+            typed.setdefault(section, {})[name] = value
+    from_file = read_config_file(args.config) if args.config else {}
+    values = merge({"model": {"name": default_model}}, from_file, typed)
+    return TrainConfig.from_dict(values, str(args.config or "command line"))
 
 
 def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
@@ -102,7 +81,7 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
     crop.add_argument("--overwrite", action="store_true")
 
 
-def build_parser(default_model: str = "efficientnet-b0") -> argparse.ArgumentParser:
+def build_parser(default_model: str = DEFAULT_MODEL) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="detect-waste-cls", description="Waste-image classification with pseudo-labeling.")
     commands = parser.add_subparsers(dest="command", required=True)
     add_training_arguments(commands.add_parser("train", help="train, then score the best checkpoint on test"),
@@ -118,14 +97,15 @@ def build_parser(default_model: str = "efficientnet-b0") -> argparse.ArgumentPar
     return parser
 
 
-def run_test_mode(args: argparse.Namespace) -> None:
+def run_test_mode(args: argparse.Namespace, config: TrainConfig) -> None:
     from detect_waste_cls.evaluate import evaluate_folder, format_report
-    from detect_waste_cls.train import create_run_dir
+    from detect_waste_cls.train import SAMPLE_DATA, create_run_dir
 
     if args.checkpoint is None:
         raise UserInputError("--mode test needs --checkpoint CKPT")
-    out = create_run_dir(args.out, "test")
-    metrics = evaluate_folder(args.checkpoint, args.data, out, batch_size=4 * args.batch_size, num_workers=args.num_workers)
+    out = create_run_dir(config.run.out, "test")
+    metrics = evaluate_folder(args.checkpoint, config.data.root or SAMPLE_DATA, out,
+                              batch_size=4 * config.data.batch_size, num_workers=config.data.num_workers or 0)
     print(f"{format_report(metrics)}\nresults in {out}")
 
 
@@ -147,18 +127,7 @@ def run_prepare(args: argparse.Namespace) -> None:
         print(report.summary())
 
 
-def use_sample_data(args: argparse.Namespace) -> None:
-    """No --data: the embedded sample, at a size that suits its small images, said out loud."""
-    args.data = SAMPLE_DATA
-    if args.img_size is None:
-        args.img_size = SAMPLE_IMAGE_SIZE
-    print(f"no --data given: training on the embedded sample {SAMPLE_DATA} at {args.img_size} px "
-          f"(pass --data DIR for your own images)")
-
-
-def dispatch(args: argparse.Namespace) -> None:
-    if getattr(args, "data", "") is None:
-        use_sample_data(args)
+def dispatch(args: argparse.Namespace, default_model: str) -> None:
     if args.command == "prepare":
         run_prepare(args)
     elif args.command == "predict":
@@ -166,11 +135,11 @@ def dispatch(args: argparse.Namespace) -> None:
 
         print(f"wrote {predict_folder(args.checkpoint, args.images, args.out, batch_size=args.batch_size)}")
     elif args.mode == "test":
-        run_test_mode(args)
+        run_test_mode(args, config_from_args(args, default_model))
     else:
-        from detect_waste_cls.train import run_training
+        from detect_waste_cls.train import train
 
-        run_training(args)
+        train(config_from_args(args, default_model))
 
 
 def configure_logging() -> None:
@@ -183,11 +152,11 @@ def configure_logging() -> None:
         package_log.setLevel(logging.INFO)
 
 
-def main(argv: list[str] | None = None, default_model: str = "efficientnet-b0") -> int:
+def main(argv: list[str] | None = None, default_model: str = DEFAULT_MODEL) -> int:
     configure_logging()
     args = build_parser(default_model).parse_args(argv)
     try:
-        dispatch(args)
+        dispatch(args, default_model)
     except UserInputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -6,21 +6,19 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
-import matplotlib.pyplot as plt
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader
-from torchmetrics.classification import MulticlassConfusionMatrix
-from torchmetrics.functional.classification import multiclass_f1_score, multiclass_precision, multiclass_recall
+from torchmetrics.functional.classification import (
+    multiclass_confusion_matrix,
+    multiclass_f1_score,
+    multiclass_precision,
+    multiclass_recall,
+)
 
-from detect_waste_cls.data.categories import resolve_test_folder, scan_labeled_folder
-from detect_waste_cls.data.datasets import ImageDataset
-from detect_waste_cls.data.transforms import EvalPreset
-from detect_waste_cls.models.classifier import LitterClassifier, load_classifier
-
-# Evaluation writes files; it must work on machines without a display.
-matplotlib.use("Agg")
+from detect_waste_cls.data.images import resolve_test_folder, scan_labeled_folder
+from detect_waste_cls.models.classifier import load_classifier
+from detect_waste_cls.plots import plot_confusion
+from detect_waste_cls.predict import predict_paths
 
 EVALUATION_FILES = ("metrics.json", "classification_report.txt", "confusion_matrix.png", "predictions.csv")
 
@@ -71,13 +69,8 @@ def write_evaluation(
     metrics = compute_metrics(targets, predictions, classes)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out_dir / "classification_report.txt").write_text(format_report(metrics))
-    # Rank 0 alone holds every prediction; after DDP training a sync would wait for ranks that have left.
-    confusion = MulticlassConfusionMatrix(len(classes), sync_on_compute=False)
-    confusion.update(predictions, targets)
-    figure, _ = confusion.plot(labels=list(classes))
-    figure.set_size_inches(1.2 * len(classes) + 3, 1.2 * len(classes) + 2)
-    figure.savefig(out_dir / "confusion_matrix.png", dpi=120, bbox_inches="tight")
-    plt.close(figure)
+    # The functional form never syncs: rank 0 alone holds every prediction, other DDP ranks have left.
+    plot_confusion(multiclass_confusion_matrix(predictions, targets, len(classes)), classes, out_dir / "confusion_matrix.png")
     pd.DataFrame(
         {
             "path": [str(p) for p in paths],
@@ -89,17 +82,12 @@ def write_evaluation(
     return metrics
 
 
-def predict_paths(model: LitterClassifier, paths: Sequence[Path], *, batch_size: int = 64, num_workers: int = 0) -> torch.Tensor:
-    """Class probabilities for each image, in the order of `paths`, at the checkpoint's own input size."""
-    dataset = ImageDataset(paths, {"image": EvalPreset(size=model.hparams.image_size)})
-    probabilities, indices = model.predict_loader(DataLoader(dataset, batch_size=batch_size, num_workers=num_workers))
-    return probabilities[indices.argsort()]
-
-
 def evaluate_folder(
-    checkpoint: Path, folder: Path, out_dir: Path, *, batch_size: int = 64, num_workers: int = 0, device: str = "cpu"
+    checkpoint: str | Path, folder: str | Path, out_dir: str | Path, *, batch_size: int = 64, num_workers: int = 0,
+    device: str | torch.device = "cpu",
 ) -> dict:
-    """Score a checkpoint on a folder of class subfolders (only classes the checkpoint knows)."""
+    """Score a checkpoint on a folder of class subfolders (only classes the checkpoint knows); write the four files."""
+    out_dir = Path(out_dir)
     model = load_classifier(checkpoint).to(device)
     images = scan_labeled_folder(resolve_test_folder(folder), model.classes)
     probabilities = predict_paths(model, images.paths, batch_size=batch_size, num_workers=num_workers)

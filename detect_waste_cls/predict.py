@@ -1,18 +1,33 @@
-"""Top-k predictions for a folder of images, written as a CSV."""
+"""Predictions for a list of images, and top-k predictions for a folder written as a CSV."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
-from detect_waste_cls.data.categories import scan_images
+import torch
+from torch.utils.data import DataLoader
+
+from detect_waste_cls.data import batch as keys
+from detect_waste_cls.data.datasets import ImageDataset
+from detect_waste_cls.data.images import scan_images
+from detect_waste_cls.data.transforms import EvalPreset
 from detect_waste_cls.errors import UserInputError
-from detect_waste_cls.evaluate import predict_paths
-from detect_waste_cls.models.classifier import load_classifier
+from detect_waste_cls.models.classifier import LitterClassifier, load_classifier
 
 
-def predict_folder(checkpoint: Path, images: Path, out_csv: Path, *, batch_size: int = 64, top_k: int = 5) -> Path:
+def predict_paths(model: LitterClassifier, paths: Sequence[Path], *, batch_size: int = 64, num_workers: int = 0) -> torch.Tensor:
+    """Class probabilities for each image, in the order of `paths`, at the checkpoint's own size and normalization."""
+    view = EvalPreset(size=model.image_size, normalization=model.normalization)
+    dataset = ImageDataset(paths, {keys.IMAGE: view})
+    probabilities, indices = model.predict_loader(DataLoader(dataset, batch_size=batch_size, num_workers=num_workers))
+    return probabilities[indices.argsort()]
+
+
+def predict_folder(checkpoint: str | Path, images: str | Path, out_csv: str | Path, *, batch_size: int = 64, top_k: int = 5) -> Path:
     """One row per image: path, top-1 label and confidence, then the top-k labels and confidences."""
+    images, out_csv = Path(images), Path(out_csv)
     if out_csv.exists():
         raise UserInputError(f"{out_csv} already exists; choose another --out")
     if not images.is_dir():

@@ -1,12 +1,14 @@
-"""One training run: data, model, Trainer, then an evaluation of the best checkpoint on the test split."""
+"""One training run, `train(config)`: data, model, Trainer, then the best checkpoint scored on the test split."""
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import logging
 import os
+import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -15,16 +17,21 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from detect_waste_cls.curves import plot_training_curves
+from detect_waste_cls.config import RECORD_KEY, RunConfig, TrainConfig, default_num_workers
 from detect_waste_cls.data.datamodule import WasteDataModule
 from detect_waste_cls.errors import UserInputError
 from detect_waste_cls.evaluate import evaluate_folder, format_report
 from detect_waste_cls.models.backbones import get_backbone, load_torch_file
-from detect_waste_cls.models.classifier import LitterClassifier
+from detect_waste_cls.models.classifier import LitterClassifier, resolve_model
+from detect_waste_cls.plots import plot_training_curves
 from detect_waste_cls.pseudo.callbacks import PseudoLabelRefresh
 from detect_waste_cls.tracking import NeptuneLogger, build_loggers, log_evaluation
 
 log = logging.getLogger(__name__)
+
+SAMPLE_DATA = Path(__file__).resolve().parents[1] / "data" / "sample"
+# The sample's images are 160 px on their longer side: upscaling them to a native 224+ px adds only compute.
+SAMPLE_IMAGE_SIZE = 160
 
 # DDP re-launches this program once per extra rank; they find the run folder rank 0 chose here.
 RUN_DIR_ENV = "DETECT_WASTE_CLS_RUN_DIR"
@@ -48,26 +55,26 @@ def create_run_dir(out: str | Path | None, name: str) -> Path:
     return candidate
 
 
-def device_settings(args: argparse.Namespace) -> dict:
+def device_settings(run: RunConfig) -> dict:
     """Trainer accelerator/devices/strategy from --gpus, or from --accelerator/--devices."""
-    if args.gpus is not None:
-        if args.gpus == 0:
+    if run.gpus is not None:
+        if run.gpus == 0:
             accelerator, devices = "cpu", 1
         else:
             available = torch.cuda.device_count()
-            if args.gpus > available:
+            if run.gpus > available:
                 raise UserInputError(
-                    f"--gpus {args.gpus} asks for {args.gpus} GPU(s) but this machine has {available}; "
+                    f"--gpus {run.gpus} asks for {run.gpus} GPU(s) but this machine has {available}; "
                     f"use --gpus 0 to train on CPU"
                 )
-            accelerator, devices = "gpu", args.gpus
+            accelerator, devices = "gpu", run.gpus
     else:
-        accelerator, devices = args.accelerator, int(args.devices) if str(args.devices).isdigit() else args.devices
+        accelerator, devices = run.accelerator, int(run.devices) if str(run.devices).isdigit() else run.devices
     distributed = isinstance(devices, int) and devices > 1
     return {"accelerator": accelerator, "devices": devices, "strategy": "ddp" if distributed else "auto"}
 
 
-def check_checkpoint_classes(checkpoint: Path, classes: Sequence[str]) -> None:
+def check_checkpoint_classes(checkpoint: str | Path, classes: Sequence[str]) -> None:
     saved = load_torch_file(checkpoint, "checkpoint").get("hyper_parameters", {}).get("classes")
     if saved != list(classes):
         raise UserInputError(f"{checkpoint} was trained on classes {saved}, but the data has {list(classes)}")
@@ -84,92 +91,106 @@ class EpochSummary(pl.Callback):
         pl.utilities.rank_zero_info(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}  {shown}")
 
 
-def build_datamodule(args: argparse.Namespace, image_size: int) -> WasteDataModule:
-    return WasteDataModule(
-        args.data,
-        image_size=image_size,
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
-        val_split=args.val_split,
-        weighted_sampler=args.weighted_sampler,
-        seed=args.seed,
-        pseudo_mode=args.pseudo,
-        pseudo_ratio=args.pseudo_ratio,
+def resolve_config(config: TrainConfig) -> TrainConfig:
+    """Every value left to a default that depends on something else, decided once; config.json records the result."""
+    data, model = config.data, resolve_model(config.model)
+    if data.root is None:
+        data = dataclasses.replace(data, root=str(SAMPLE_DATA), image_size=data.image_size or SAMPLE_IMAGE_SIZE)
+        weights = "ImageNet weights" if model.pretrained else "random weights"
+        print(f"no --data given: training {model.name} from {weights} on the embedded sample {SAMPLE_DATA} "
+              f"at {data.image_size} px (pass --data DIR for your own images)")
+    data = dataclasses.replace(
+        data,
+        image_size=data.image_size or get_backbone(model.name).image_size,
+        num_workers=data.num_workers if data.num_workers is not None else default_num_workers(),
+    )
+    optim = config.optim.resolved(starts_from_weights=bool(model.pretrained or model.weights))
+    return dataclasses.replace(
+        config, data=data, model=model, optim=optim, pseudo=config.pseudo.resolved(epochs=optim.epochs)
     )
 
 
-def run_training(args: argparse.Namespace, extra_callbacks: Sequence[pl.Callback] = ()) -> Path | None:
-    """Train, then evaluate the best checkpoint on the test split. Returns the run folder on rank 0."""
-    devices = device_settings(args)
-    if args.pseudo_start is None:
-        # The teacher should have trained for a while first; see the README's pseudo-labeling study.
-        args.pseudo_start = args.epochs // 2
-    pl.seed_everything(args.seed, workers=True, verbose=False)
-    image_size = args.img_size or get_backbone(args.model).image_size
-    datamodule = build_datamodule(args, image_size)
+@dataclass(frozen=True)
+class RunResult:
+    """What a training run left behind (on DDP ranks other than 0, only the config)."""
+
+    config: TrainConfig  # resolved: what config.json holds
+    run_dir: Path | None = None
+    best_checkpoint: Path | None = None
+    test_metrics: dict | None = None  # metrics.json, when there is a test split
+
+
+def train(config: TrainConfig = TrainConfig(), *, callbacks: Sequence[pl.Callback] = ()) -> RunResult:
+    """Train, then score the best checkpoint on the test split.
+
+    Works from a script or a notebook on CPU or one GPU; DDP on several devices re-launches the
+    program, so start those runs from the command line (see the README).
+    """
+    config = resolve_config(config)
+    devices = device_settings(config.run)
+    pl.seed_everything(config.run.seed, workers=True, verbose=False)
+    model_entry = get_backbone(config.model.name)
+    datamodule = WasteDataModule(config.data, normalization=model_entry.normalization, pseudo=config.pseudo,
+                                 seed=config.run.seed)
     log.info("data: %s", datamodule.layout.describe())
-    if args.resume:
-        check_checkpoint_classes(args.resume, datamodule.classes)
-    run_dir = create_run_dir(args.out, args.model)
-    model = LitterClassifier(
-        model_name=args.model,
-        classes=datamodule.classes,
-        image_size=image_size,
-        lr=args.lr,
-        decay=args.decay,
-        optimizer=args.optimizer,
-        scheduler=args.scheduler,
-        weight_decay=args.weight_decay,
-        pseudo_threshold=args.pseudo_threshold,
-        pseudo_weight=args.pseudo_weight,
-        pseudo_start=args.pseudo_start,
-        pseudo_rampup=args.pseudo_rampup,
-        pretrained=args.pretrained,
-        weights=args.weights,
-    )
+    if config.run.resume:
+        check_checkpoint_classes(config.run.resume, datamodule.classes)
+    run_dir = create_run_dir(config.run.out, config.model.name)
+    model = LitterClassifier(classes=datamodule.classes, image_size=config.data.image_size,
+                             model=config.model, optim=config.optim, pseudo=config.pseudo)
     checkpoints = ModelCheckpoint(
         dirpath=run_dir / "checkpoints", filename="best-{epoch:02d}", monitor="val/loss", mode="min", save_last=True
     )
-    callbacks = [checkpoints, EpochSummary(), *extra_callbacks]
-    if args.pseudo != "none":
-        callbacks.append(PseudoLabelRefresh(args.pseudo, start_epoch=args.pseudo_start, output_csv=run_dir / "pseudo_labels.csv"))
+    all_callbacks = [checkpoints, EpochSummary(), *callbacks]
+    if config.pseudo.mode != "none":
+        all_callbacks.append(PseudoLabelRefresh(model.pseudo, output_csv=run_dir / "pseudo_labels.csv"))
     loggers = build_loggers(
-        args.logger,
+        config.run.loggers,
         run_dir,
         run_name=run_dir.name,
-        neptune=args.neptune,
-        neptune_project=args.neptune_project,
-        tags=[args.model, str(datamodule.layout.root), f"pseudo:{args.pseudo}"],
+        neptune=config.run.neptune,
+        neptune_project=config.run.neptune_project,
+        tags=[config.model.name, str(datamodule.layout.root), f"pseudo:{config.pseudo.mode}"],
     )
+    if devices["strategy"] == "ddp" and config.optim.probe_epochs > 0:
+        # The frozen backbone gets no gradients in the probe phase; DDP must be told to expect that.
+        devices["strategy"] = "ddp_find_unused_parameters_true"
     trainer = pl.Trainer(
-        max_epochs=args.epochs,
-        precision=args.precision,
-        callbacks=callbacks,
+        max_epochs=config.optim.epochs,
+        precision=config.run.precision,
+        callbacks=all_callbacks,
         logger=loggers,
         default_root_dir=run_dir,
         log_every_n_steps=1,
-        enable_progress_bar=args.progress_bar,
+        enable_progress_bar=config.run.progress_bar if config.run.progress_bar is not None else sys.stderr.isatty(),
         **devices,
     )
     if trainer.is_global_zero:
-        config = {**vars(args), "image_size": image_size, "classes": datamodule.classes, "run_dir": str(run_dir),
-                  "versions": {"torch": torch.__version__, "lightning": lightning.__version__}}
-        (run_dir / "config.json").write_text(json.dumps(config, indent=2, default=str))
+        write_config(run_dir / "config.json", config, classes=datamodule.classes)
     os.environ[RUN_DIR_ENV] = str(run_dir)
     try:
-        trainer.fit(model, datamodule=datamodule, ckpt_path=args.resume)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=config.run.resume)
     finally:
         os.environ.pop(RUN_DIR_ENV, None)
     if not trainer.is_global_zero:
-        return None
-    report_run(trainer, datamodule, loggers, Path(checkpoints.best_model_path or checkpoints.last_model_path), run_dir)
-    return run_dir
+        return RunResult(config)
+    best = Path(checkpoints.best_model_path or checkpoints.last_model_path)
+    metrics = report_run(trainer, datamodule, loggers, best, run_dir)
+    return RunResult(config, run_dir, best, metrics)
 
 
-def report_run(trainer: pl.Trainer, datamodule: WasteDataModule, loggers, best: Path, run_dir: Path) -> None:
+def write_config(path: Path, config: TrainConfig, *, classes: Sequence[str]) -> None:
+    """The resolved config, plus facts for people under RECORD_KEY (ignored when the file is read back)."""
+    record = {"classes": list(classes), "versions": {"torch": torch.__version__, "lightning": lightning.__version__},
+              "written": datetime.now().isoformat(timespec="seconds")}
+    path.write_text(json.dumps({**config.to_dict(), RECORD_KEY: record}, indent=2))
+
+
+def report_run(trainer: pl.Trainer, datamodule: WasteDataModule, loggers, best: Path, run_dir: Path) -> dict | None:
     """Rank 0, after training: curves, then the best checkpoint scored on the test split, sent to every logger."""
     if (run_dir / "metrics.csv").is_file():
         plot_training_curves(run_dir / "metrics.csv", run_dir / "training_curves.png")
+    metrics = None
     if datamodule.layout.test is None:
         log.warning("no test split at %s: skipped the final evaluation", datamodule.layout.root / "test")
     else:
@@ -185,3 +206,4 @@ def report_run(trainer: pl.Trainer, datamodule: WasteDataModule, loggers, best: 
     for logger in loggers:
         if isinstance(logger, NeptuneLogger):
             logger.close()
+    return metrics

@@ -2,10 +2,11 @@
 
     python -m experiments.reproduce --data TREE [--table paper] [--profile smoke|full] [--only ROW ...] [--force]
 
-Each row is a JSON file in experiments/configs/<table>/ whose keys are the training CLI's own
-flags; profiles.json there adds the flags of each profile (tiny CPU runs, or the real recipe),
-the seeds, and optionally a baseline row that every other row is compared with seed by seed.
-Rows already done are skipped, so an interrupted run resumes where it stopped.
+Each row is a partial config file in experiments/configs/<table>/ ({section: {field: value}}, the
+keys of TrainConfig and of every run's config.json); profiles.json there adds each profile's
+config (tiny CPU runs, or the real recipe), its seeds, and optionally a baseline row that every
+other row is compared with seed by seed. Every row is checked against TrainConfig before the
+first run starts. Rows already done are skipped, so an interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -19,23 +20,19 @@ from pathlib import Path
 
 import pandas as pd
 
+from detect_waste_cls.config import TrainConfig, merge, read_config_file
+from detect_waste_cls.errors import UserInputError
+
 CONFIGS = Path(__file__).resolve().parent / "configs"
 DONE_MARKER = "runner.json"
 
 
-def as_flags(options: dict) -> list[str]:
-    flags = []
-    for key, value in options.items():
-        if value is True:
-            flags.append(f"--{key}")
-        elif value is not False and value is not None:
-            flags += [f"--{key}", str(value)]
-    return flags
-
-
 def load_rows(table: str, only: list[str] | None) -> dict[str, dict]:
     folder = CONFIGS / table
-    rows = {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json")) if p.name != "profiles.json"}
+    try:
+        rows = {p.stem: read_config_file(p) for p in sorted(folder.glob("*.json")) if p.name != "profiles.json"}
+    except UserInputError as error:
+        sys.exit(f"error: {error}")
     unknown = sorted(set(only or []) - set(rows))
     if unknown:
         sys.exit(f"error: unknown row(s) {', '.join(unknown)}; rows of {table}: {', '.join(rows)}")
@@ -79,23 +76,25 @@ def finished_runs(results: Path) -> list[Path]:
 
 
 def summarize_run(run: Path) -> dict:
-    config = json.loads((run / "config.json").read_text())
+    config = TrainConfig.from_dict(read_config_file(run / "config.json"), str(run / "config.json"))
     metrics = json.loads((run / "metrics.json").read_text())
     done = json.loads((run / DONE_MARKER).read_text())
     return {
         "row": done["row"],
-        "model": config["model"],
-        "classes": len(config["classes"]),
+        "model": config.model.name,
+        "start": "ImageNet" if config.model.pretrained else "scratch",
+        "fine-tuning": config.optim.finetune,
+        "classes": len(metrics["classes"]),
         "ACC": metrics["accuracy"],
         "balanced ACC": metrics["balanced_accuracy"],
         "macro-F1": metrics["macro_f1"],
         "pseudo-label ACC": last_logged(run / "metrics.csv", "pseudo/accuracy"),
         "confident pseudo-label ACC": last_logged(run / "metrics.csv", "pseudo/confident_accuracy"),
-        "sampler": "weighted" if config["weighted_sampler"] else "random",
-        "pseudolabeling": config["pseudo"],
-        "epochs": config["epochs"],
-        "image size": config["image_size"],
-        "seed": config["seed"],
+        "sampler": "weighted" if config.data.weighted_sampler else "random",
+        "pseudolabeling": config.pseudo.mode,
+        "epochs": config.optim.epochs,
+        "image size": config.data.image_size,
+        "seed": config.run.seed,
         "wall time (s)": done["wall_time_s"],
     }
 
@@ -125,7 +124,7 @@ def write_tables(results: Path, runs: list[dict], baseline: str | None = None) -
     metric_columns = ["ACC", "balanced ACC", "macro-F1", "pseudo-label ACC", "confident pseudo-label ACC"]
     text = "# Results\n\n" + table.to_markdown(index=False, floatfmt=".4f") + "\n"
     if table.seed.nunique() > 1:
-        grouped = table.groupby(["row", "model", "sampler", "pseudolabeling"])[metric_columns]
+        grouped = table.groupby(["row", "model", "start", "fine-tuning", "sampler", "pseudolabeling"])[metric_columns]
         spread = grouped.std().round(4).map(lambda std: "" if pd.isna(std) else f" ± {std}")  # one seed: no std
         summary = grouped.mean().round(4).map(lambda mean: "" if pd.isna(mean) else str(mean)) + spread
         text += f"\n## Mean ± std over seeds {sorted(table.seed.unique().tolist())}\n\n" + summary.reset_index().to_markdown(index=False) + "\n"
@@ -153,7 +152,14 @@ def main(argv: list[str] | None = None) -> int:
     profile = profiles[args.profile]
     results = args.results or Path(__file__).resolve().parent / "results" / f"{args.table}-{args.profile}"
     rows = load_rows(args.table, args.only)
-    for name, row in rows.items():
+    configs = {}
+    for name, row in rows.items():  # every row checked before the first (long) run starts
+        configs[name] = merge(profile["config"], row)  # the row's own values win
+        try:
+            TrainConfig.from_dict(configs[name], f"{args.table}/{name}.json with profile {args.profile}")
+        except UserInputError as error:
+            sys.exit(f"error: {error}")
+    for name in rows:
         for seed in args.seeds or profile["seeds"]:
             out = results / "runs" / f"{name}-seed{seed}"
             if (out / DONE_MARKER).is_file() and not args.force:
@@ -161,9 +167,12 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 if out.exists():
                     set_aside(out, "replaced" if (out / DONE_MARKER).is_file() else "interrupted")
-                command = [sys.executable, "-m", "detect_waste_cls.cli", "train", "--data", str(args.data),
-                           "--out", str(out), "--seed", str(seed), "--no-progress-bar",
-                           *as_flags(profile["flags"]), *as_flags(row), *extra_flags]  # the row's own flags win
+                row_config = results / "configs" / f"{out.name}.json"
+                row_config.parent.mkdir(parents=True, exist_ok=True)
+                row_config.write_text(json.dumps(configs[name], indent=2))
+                command = [sys.executable, "-m", "detect_waste_cls.cli", "train", "--config", str(row_config),
+                           "--data", str(args.data), "--out", str(out), "--seed", str(seed), "--no-progress-bar",
+                           *extra_flags]
                 print(f"{out.name}: running", flush=True)
                 wall = run_row(command, out, results / "logs" / f"{out.name}.log", name, seed)
                 print(f"{out.name}: {wall:.0f} s", flush=True)

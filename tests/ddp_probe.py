@@ -10,9 +10,9 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
-from detect_waste_cls.cli import build_parser
+from detect_waste_cls.cli import build_parser, config_from_args
 from detect_waste_cls.pseudo.callbacks import PseudoLabelRefresh
-from detect_waste_cls.train import run_training
+from detect_waste_cls.train import train
 
 
 class DumpStores(pl.Callback):
@@ -33,4 +33,5 @@ class DumpStores(pl.Callback):
 if __name__ == "__main__":
     dump_dir = Path(sys.argv[1])
     dump_dir.mkdir(parents=True, exist_ok=True)
-    run_training(build_parser().parse_args(sys.argv[2:]), extra_callbacks=[DumpStores(dump_dir)])
+    args = build_parser().parse_args(sys.argv[2:])
+    train(config_from_args(args, "simple-cnn"), callbacks=[DumpStores(dump_dir)])

@@ -4,8 +4,10 @@ import pytest
 from PIL import Image
 
 from conftest import COLOURS, make_tree, write_image
-from detect_waste_cls.data.categories import load_rgb, resolve_images_square, scan_labeled_folder
+from detect_waste_cls.data.images import load_rgb, resolve_images_square, scan_labeled_folder
+from detect_waste_cls.config import DataConfig, PseudoConfig
 from detect_waste_cls.data.datamodule import DatasetLayout, WasteDataModule
+from detect_waste_cls.models.backbones import IMAGENET_NORMALIZATION
 from detect_waste_cls.errors import UserInputError
 
 
@@ -89,11 +91,13 @@ def test_pseudolabel_order_and_folder_labels_do_not_depend_on_folder_names(tmp_p
 def test_pseudo_mode_without_pseudolabel_images_is_refused(tmp_path):
     root = make_tree(tmp_path, {"train": {"glass": 4, "metal": 4}})
     with pytest.raises(UserInputError, match="pseudolabel"):
-        WasteDataModule(root, image_size=32, pseudo_mode="per_epoch")
+        WasteDataModule(DataConfig(root=str(root), image_size=32), normalization=IMAGENET_NORMALIZATION,
+                        pseudo=PseudoConfig(mode="per_epoch"))
 
 
 def test_batches_carry_indices_targets_and_normalized_images(tiny_tree):
-    module = WasteDataModule(tiny_tree, image_size=32, batch_size=4, num_workers=0, pseudo_mode="per_batch")
+    module = WasteDataModule(DataConfig(root=str(tiny_tree), image_size=32, batch_size=4, num_workers=0),
+                             normalization=IMAGENET_NORMALIZATION, pseudo=PseudoConfig(mode="per_batch"))
     batch = next(iter(module.train_dataloader()["labeled"]))
     assert batch["image"].shape == (4, 3, 32, 32) and batch["target"].shape == (4,)
     pseudo = next(iter(module.train_dataloader()["pseudo"]))
@@ -107,8 +111,8 @@ def test_transforms_handle_images_smaller_than_the_crop(tmp_path):
     from detect_waste_cls.data.transforms import EvalPreset, TrainPreset
 
     image = load_rgb(write_image(tmp_path / "x.png", (1, 2, 3), size=7))
-    assert TrainPreset(size=64)(image).shape == (3, 64, 64)
-    assert EvalPreset(size=64)(image).shape == (3, 64, 64)
+    assert TrainPreset(size=64, normalization=IMAGENET_NORMALIZATION)(image).shape == (3, 64, 64)
+    assert EvalPreset(size=64, normalization=IMAGENET_NORMALIZATION)(image).shape == (3, 64, 64)
 
 
 def test_each_dataloader_worker_augments_differently_and_reproducibly(tmp_path):
@@ -124,7 +128,7 @@ def test_each_dataloader_worker_augments_differently_and_reproducibly(tmp_path):
 
     def augmented(rank):
         torch.manual_seed(0)
-        dataset = ImageDataset([image] * 4, {"image": TrainPreset(size=32, seed=1)})
+        dataset = ImageDataset([image] * 4, {"image": TrainPreset(size=32, normalization=IMAGENET_NORMALIZATION, seed=1)})
         loader = DataLoader(dataset, batch_size=2, num_workers=2,
                             worker_init_fn=partial(seed_worker_augmentations, rank=rank))
         return [batch["image"] for batch in loader]  # batch 0 from worker 0, batch 1 from worker 1

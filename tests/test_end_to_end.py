@@ -11,7 +11,7 @@ import torch
 from conftest import PYTHON, REPO_ROOT, make_tree, train_args, write_image
 from detect_waste_cls.cli import main
 from detect_waste_cls.evaluate import EVALUATION_FILES
-from detect_waste_cls.train import create_run_dir
+from detect_waste_cls.train import SAMPLE_IMAGE_SIZE, create_run_dir
 
 
 @pytest.fixture(scope="module")
@@ -32,16 +32,20 @@ def test_training_writes_every_artifact(trained_run):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["classes"] == ["glass", "metal", "paper"] and metrics["num_images"] == 9
     assert set(metrics["per_class"]["paper"]) == {"precision", "recall", "f1", "support"}
-    assert 0 <= metrics["balanced_accuracy"] <= 1 and 0 <= metrics["macro_f1"] <= 1
     predictions = pd.read_csv(out / "predictions.csv")
     assert list(predictions.columns) == ["path", "true", "predicted", "confidence"] and len(predictions) == 9
-    assert metrics["accuracy"] == pytest.approx((predictions.true == predictions.predicted).mean())
+    correct = predictions.true == predictions.predicted
+    assert metrics["accuracy"] == pytest.approx(correct.mean())
+    # Balanced accuracy is the mean per-class recall, and each class's recall is its row of the predictions.
+    recalls = correct.groupby(predictions.true).mean()
+    assert metrics["balanced_accuracy"] == pytest.approx(recalls.mean())
+    assert [metrics["per_class"][name]["recall"] for name in recalls.index] == pytest.approx(recalls.tolist())
     log = pd.read_csv(out / "metrics.csv")
     assert {"train/loss", "val/loss", "val/accuracy", "val/balanced_accuracy", "val/macro_f1"} <= set(log.columns)
     best = next((out / "checkpoints").glob("best-*.ckpt"))
     checkpoint = torch.load(best, map_location="cpu", weights_only=True)
     assert checkpoint["hyper_parameters"]["classes"] == ["glass", "metal", "paper"]
-    assert json.loads((out / "config.json").read_text())["image_size"] == 32
+    assert json.loads((out / "config.json").read_text())["data"]["image_size"] == 32
 
 
 def test_test_mode_reproduces_the_runs_predictions(trained_run, tmp_path):
@@ -173,10 +177,10 @@ def test_no_data_trains_on_the_embedded_sample_at_its_own_size(tmp_path, capsys)
     assert main(["train", "--out", str(out), "--model", "simple-cnn", "--epochs", "1", "--num-workers", "0",
                  "--accelerator", "cpu", "--no-progress-bar"]) == 0
     config = json.loads((out / "config.json").read_text())
-    assert config["image_size"] == 96 and config["data"].endswith("data/sample")
-    assert config["classes"] == ["cardboard", "glass", "metal", "paper", "plastic", "trash"]
+    assert config["data"]["image_size"] == SAMPLE_IMAGE_SIZE and config["data"]["root"].endswith("data/sample")
+    assert config["recorded"]["classes"] == ["cardboard", "glass", "metal", "paper", "plastic", "trash"]
     assert "embedded sample" in capsys.readouterr().out
-    assert json.loads((out / "metrics.json").read_text())["num_images"] == 24
+    assert json.loads((out / "metrics.json").read_text())["num_images"] == 60
 
 
 def test_resume_from_an_unreadable_checkpoint_is_a_one_line_error(tiny_tree, tmp_path, capsys):

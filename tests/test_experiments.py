@@ -15,9 +15,21 @@ PAPER_ROWS = sorted(p.stem for p in (REPO_ROOT / "experiments/configs/paper").gl
 
 def test_paper_table_has_one_config_per_original_row():
     rows = [json.loads((REPO_ROOT / f"experiments/configs/paper/{name}.json").read_text()) for name in PAPER_ROWS]
-    combos = {(r["model"], r["weighted-sampler"], r["pseudo"]) for r in rows}
+    combos = {(r["model"]["name"], r["data"]["weighted_sampler"], r["pseudo"]["mode"]) for r in rows}
     assert len(combos) == len(rows) == 18
-    assert {r["model"] for r in rows} == {"efficientnet-b2", "efficientnet-b4", "resnet50"}
+    assert {r["model"]["name"] for r in rows} == {"efficientnet-b2", "efficientnet-b4", "resnet50"}
+
+
+def test_a_row_with_an_unknown_field_stops_the_runner_before_any_run(tmp_path, monkeypatch):
+    table = tmp_path / "configs" / "t"
+    table.mkdir(parents=True)
+    (table / "profiles.json").write_text(json.dumps({"p": {"seeds": [0], "config": {"optim": {"epochs": 1}}}}))
+    (table / "good.json").write_text(json.dumps({"model": {"name": "simple-cnn"}}))
+    (table / "typo.json").write_text(json.dumps({"pseudo": {"treshold": 0.5}}))
+    monkeypatch.setattr(reproduce, "CONFIGS", tmp_path / "configs")
+    with pytest.raises(SystemExit, match="pseudo.treshold.*did you mean 'threshold'"):
+        reproduce.main(["--data", str(tmp_path / "nowhere"), "--table", "t", "--profile", "p", "--results", str(tmp_path / "r")])
+    assert not (tmp_path / "r").exists()
 
 
 @pytest.fixture(scope="module")

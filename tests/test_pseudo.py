@@ -128,7 +128,7 @@ def test_pseudo_labels_start_halfway_through_training_by_default(tmp_path):
     args = train_args(data, tmp_path / "run", "--pseudo", "per_epoch", "--pseudo-threshold", "0")
     args[args.index("--epochs") + 1] = "4"
     assert main(args) == 0
-    assert json.loads((tmp_path / "run" / "config.json").read_text())["pseudo_start"] == 2
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["pseudo"]["start"] == 2
     labels = pd.read_csv(tmp_path / "run" / "pseudo_labels.csv")
     assert labels.epoch.eq(3).all()  # refreshed at epochs 2 and 3, never before
     refreshes = pd.read_csv(tmp_path / "run" / "metrics.csv").dropna(subset=["pseudo/label_changes"])

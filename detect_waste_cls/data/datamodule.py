@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from detect_waste_cls.data.categories import (
+from detect_waste_cls.data.images import (
     LabeledImages,
     resolve_images_square,
     scan_images,
@@ -22,8 +22,10 @@ from detect_waste_cls.data.categories import (
 from detect_waste_cls.data.datasets import ImageDataset, seed_worker_augmentations
 from detect_waste_cls.data.samplers import EpochDrawSampler, inverse_frequency_weights
 from detect_waste_cls.data.transforms import EvalPreset, TrainPreset
+from detect_waste_cls.config import DataConfig, PseudoConfig, RunConfig, default_num_workers
+from detect_waste_cls.data import batch as keys
 from detect_waste_cls.errors import UserInputError
-from detect_waste_cls.pseudo import PSEUDO_MODES
+from detect_waste_cls.models.backbones import Normalization
 
 log = logging.getLogger(__name__)
 
@@ -116,43 +118,41 @@ class WasteDataModule(pl.LightningDataModule):
 
     def __init__(
         self,
-        data: str | Path,
+        data: DataConfig,
         *,
-        image_size: int,
-        batch_size: int = 16,
-        eval_batch_size: int | None = None,
-        num_workers: int = 2,
-        val_split: float = 0.1,
-        weighted_sampler: bool = False,
-        seed: int = 0,
-        pseudo_mode: str = "none",
-        pseudo_ratio: float = 1.0,
+        normalization: Normalization,
+        pseudo: PseudoConfig = PseudoConfig(),
+        seed: int = RunConfig.seed,
     ):
         super().__init__()
-        if pseudo_mode not in PSEUDO_MODES:
-            raise UserInputError(f"unknown pseudo-labeling mode {pseudo_mode!r}; choose from {', '.join(PSEUDO_MODES)}")
-        self.layout = DatasetLayout.discover(data, val_split=val_split, seed=seed)
-        if pseudo_mode != "none" and not self.layout.pseudo:
-            raise UserInputError(f"--pseudo {pseudo_mode} needs unlabeled images in {self.layout.root / 'pseudolabel'}")
-        self.image_size = image_size
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or 4 * batch_size
-        self.num_workers = num_workers
-        self.weighted_sampler = weighted_sampler
+        if data.root is None or data.image_size is None:
+            raise ValueError("WasteDataModule needs data.root and data.image_size set (train() resolves them)")
+        self.layout = DatasetLayout.discover(data.root, val_split=data.val_split, seed=seed)
+        if pseudo.mode != "none" and not self.layout.pseudo:
+            raise UserInputError(f"--pseudo {pseudo.mode} needs unlabeled images in {self.layout.root / 'pseudolabel'}")
+        self.image_size = data.image_size
+        self.batch_size = data.batch_size
+        self.eval_batch_size = 4 * data.batch_size
+        self.num_workers = data.num_workers if data.num_workers is not None else default_num_workers()
+        self.weighted_sampler = data.weighted_sampler
         self.seed = seed
         self.pseudo_seed = seed + 1
-        self.pseudo_mode = pseudo_mode
-        self.pseudo_batch_size = max(1, round(batch_size * pseudo_ratio))
-        self.train_view = TrainPreset(size=image_size, seed=seed)
-        self.eval_view = EvalPreset(size=image_size)
+        self.pseudo_mode = pseudo.mode
+        self.pseudo_batch_size = max(1, round(data.batch_size * pseudo.ratio))
+        self.train_view = TrainPreset(size=self.image_size, normalization=normalization, seed=seed)
+        self.eval_view = EvalPreset(size=self.image_size, normalization=normalization)
         # The pseudolabel split gets its own augmentation stream and loader RNG, so that it takes
         # no randomness from the labeled side: with one --seed, a pseudo-labeling run trains exactly
         # like --pseudo none until --pseudo-start, and the two can be compared seed by seed.
-        self.pseudo_train_view = TrainPreset(size=image_size, seed=self.pseudo_seed)
+        self.pseudo_train_view = TrainPreset(size=self.image_size, normalization=normalization, seed=self.pseudo_seed)
 
     @property
     def classes(self) -> list[str]:
         return self.layout.classes
+
+    @property
+    def pseudo_images(self) -> PseudoImages | None:
+        return self.layout.pseudo
 
     def _loader(self, dataset, *, batch_size: int, shuffle=False, sampler=None, drop_last=False, generator=None):
         return DataLoader(
@@ -178,15 +178,15 @@ class WasteDataModule(pl.LightningDataModule):
 
     def labeled_dataset(self, images: LabeledImages, *, train: bool) -> ImageDataset:
         view = self.train_view if train else self.eval_view
-        return ImageDataset(images.paths, {"image": view}, images.targets)
+        return ImageDataset(images.paths, {keys.IMAGE: view}, images.targets)
 
     def pseudo_dataset(self, *, train: bool) -> ImageDataset:
         """Training view (plus the eval view that per_batch labels from), or the eval view alone."""
-        views = {"image": self.eval_view}
+        views = {keys.IMAGE: self.eval_view}
         if train:
-            views = {"image": self.pseudo_train_view}
+            views = {keys.IMAGE: self.pseudo_train_view}
             if self.pseudo_mode == "per_batch":
-                views["eval_image"] = self.eval_view
+                views[keys.EVAL_IMAGE] = self.eval_view
         return ImageDataset(self.layout.pseudo.paths, views)
 
     def train_dataloader(self):
@@ -201,7 +201,7 @@ class WasteDataModule(pl.LightningDataModule):
                 dataset, num_samples=len(dataset), weights=weights, num_replicas=world, rank=rank, seed=self.seed
             )
         loaders = {
-            "labeled": self._loader(
+            keys.LABELED: self._loader(
                 dataset, batch_size=self.batch_size, shuffle=sampler is None, sampler=sampler, drop_last=drop_last
             )
         }
@@ -216,7 +216,7 @@ class WasteDataModule(pl.LightningDataModule):
                 rank=rank,
                 seed=self.pseudo_seed,
             )
-            loaders["pseudo"] = self._pseudo_loader(pseudo, batch_size=self.pseudo_batch_size, sampler=pseudo_sampler)
+            loaders[keys.PSEUDO] = self._pseudo_loader(pseudo, batch_size=self.pseudo_batch_size, sampler=pseudo_sampler)
         return loaders
 
     def val_dataloader(self):

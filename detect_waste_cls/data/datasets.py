@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset, get_worker_info
 
-from detect_waste_cls.data.categories import load_rgb
+from detect_waste_cls.data import batch as keys
+from detect_waste_cls.data.images import load_rgb
 
 Transform = Callable[[np.ndarray], torch.Tensor]
 
@@ -39,9 +40,9 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         image = load_rgb(self.paths[index])
-        item = {"index": index, **{name: transform(image) for name, transform in self.views.items()}}
+        item = {keys.INDEX: index, **{name: transform(image) for name, transform in self.views.items()}}
         if self.targets is not None:
-            item["target"] = self.targets[index]
+            item[keys.TARGET] = self.targets[index]
         return item
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from detect_waste_cls.data.categories import IMAGE_EXTENSIONS, class_folders, load_rgb, scan_images
+from detect_waste_cls.data.images import IMAGE_EXTENSIONS, class_folders, load_rgb, scan_images
 from detect_waste_cls.errors import UserInputError
 
 log = logging.getLogger(__name__)

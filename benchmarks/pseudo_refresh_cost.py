@@ -23,7 +23,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from detect_waste_cls.config import DataConfig, ModelConfig, PseudoConfig
 from detect_waste_cls.data.datamodule import WasteDataModule
+from detect_waste_cls.models.backbones import get_backbone
 from detect_waste_cls.models.classifier import LitterClassifier
 from detect_waste_cls.pseudo.callbacks import PseudoLabelRefresh
 
@@ -41,8 +43,8 @@ def synthetic_tree(root: Path, pseudo_images: int = 600) -> Path:
 
 
 class TimedRefresh(PseudoLabelRefresh):
-    def __init__(self):
-        super().__init__("per_epoch", start_epoch=0)
+    def __init__(self, pseudo: PseudoConfig):
+        super().__init__(pseudo)
         self.seconds: list[float] = []
 
     def on_train_epoch_start(self, trainer, pl_module):
@@ -66,18 +68,21 @@ def plain_inference(model: torch.nn.Module, loader, device: torch.device) -> flo
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=None)
-    parser.add_argument("--model", default="efficientnet-b0")
+    parser.add_argument("--model", default="efficientnet-b0")  # from scratch: the store, not the weights, is measured
     parser.add_argument("--img-size", type=int, default=64)
     parser.add_argument("-b", "--batch-size", type=int, default=32, help="training batch; inference uses 4x")
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     data = args.data or synthetic_tree(Path(tempfile.mkdtemp()))
-    datamodule = WasteDataModule(data, image_size=args.img_size, batch_size=args.batch_size,
-                                 num_workers=args.num_workers, val_split=0, pseudo_mode="per_epoch")
-    model = LitterClassifier(model_name=args.model, classes=datamodule.classes, image_size=args.img_size)
+    pseudo = PseudoConfig(mode="per_epoch", start=0)
+    data_config = DataConfig(root=str(data), image_size=args.img_size, batch_size=args.batch_size,
+                             num_workers=args.num_workers, val_split=0)
+    datamodule = WasteDataModule(data_config, normalization=get_backbone(args.model).normalization, pseudo=pseudo)
+    model = LitterClassifier(classes=datamodule.classes, image_size=args.img_size, model=ModelConfig(name=args.model),
+                             pseudo=pseudo)
     accelerator = "gpu" if torch.cuda.is_available() else "cpu"
-    refresh = TimedRefresh()
+    refresh = TimedRefresh(pseudo)
     trainer = pl.Trainer(max_epochs=args.repeats + 1, accelerator=accelerator, devices=1, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          limit_train_batches=1, limit_val_batches=0, num_sanity_val_steps=0, callbacks=[refresh])

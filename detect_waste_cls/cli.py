@@ -11,6 +11,7 @@ from pathlib import Path
 from detect_waste_cls.config import DEFAULT_MODEL, ModelConfig, TrainConfig, field_type, merge, read_config_file
 from detect_waste_cls.errors import UserInputError
 
+
 def add_training_arguments(parser: argparse.ArgumentParser, default_model: str, default_mode: str) -> None:
     """One flag per TrainConfig field, named, typed and explained by the field itself.
 

@@ -62,6 +62,8 @@ class DataConfig(_Section):
     weighted_sampler: bool = option(False, "--weighted-sampler", "--weighted_sampler",
                                     help="draw training images with inverse class frequency weights (works under DDP)")
     num_workers: int | None = option(None, "--num-workers", help="dataloader workers per rank (default: min(4, CPUs))")
+    strict: bool = option(False, "--strict", help="a file that cannot be decoded is an error, not a skip listed in "
+                                                   "skipped_files.txt")
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,10 @@ class OptimConfig(_Section):
     backbone_lr_scale: float | None = option(
         None, "--backbone-lr-scale",
         help="backbone learning rate = --lr x this once it trains (default: 0.1 for lp-ft, 1 for full)")
+    freeze_bn: bool | None = option(
+        None, "--freeze-bn",
+        help="keep the backbone's batch-norm statistics as loaded while it trains: a few labeled images give noisy "
+             "batch statistics (default: yes for lp-ft and linear, no for full)")
 
     def resolved(self, *, starts_from_weights: bool) -> "OptimConfig":
         """Defaults that depend on the start: fine-tuning gets lp-ft, from scratch trains everything."""
@@ -106,7 +112,9 @@ class OptimConfig(_Section):
         if scale is None:
             scale = LPFT_BACKBONE_LR_SCALE if finetune == "lp-ft" else 1.0
         lr = self.lr if self.lr is not None else (FINETUNE_LR if starts_from_weights else SCRATCH_LR)
-        return dataclasses.replace(self, lr=lr, finetune=finetune, probe_epochs=probe_epochs, backbone_lr_scale=scale)
+        freeze_bn = self.freeze_bn if self.freeze_bn is not None else finetune != "full"
+        return dataclasses.replace(self, lr=lr, finetune=finetune, probe_epochs=probe_epochs, backbone_lr_scale=scale,
+                                   freeze_bn=freeze_bn)
 
 
 @dataclass(frozen=True)

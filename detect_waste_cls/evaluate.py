@@ -15,7 +15,7 @@ from torchmetrics.functional.classification import (
     multiclass_recall,
 )
 
-from detect_waste_cls.data.images import resolve_test_folder, scan_labeled_folder
+from detect_waste_cls.data.images import resolve_test_folder, scan_labeled_folder, split_decodable
 from detect_waste_cls.models.classifier import load_classifier
 from detect_waste_cls.plots import plot_confusion
 from detect_waste_cls.predict import predict_paths
@@ -61,12 +61,16 @@ def format_report(metrics: dict) -> str:
 
 
 def write_evaluation(
-    out_dir: Path, paths: Sequence[Path], targets: torch.Tensor, probabilities: torch.Tensor, classes: Sequence[str]
+    out_dir: Path, paths: Sequence[Path], targets: torch.Tensor, probabilities: torch.Tensor, classes: Sequence[str],
+    *, skipped: Sequence[Path] = (),
 ) -> dict:
-    """Write metrics.json, classification_report.txt, confusion_matrix.png and predictions.csv into out_dir."""
+    """Write metrics.json, classification_report.txt, confusion_matrix.png and predictions.csv into out_dir.
+
+    `skipped`: images of the folder that could not be read and are not in the metrics.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     confidence, predictions = probabilities.max(dim=1)
-    metrics = compute_metrics(targets, predictions, classes)
+    metrics = {**compute_metrics(targets, predictions, classes), "skipped_images": [str(path) for path in skipped]}
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out_dir / "classification_report.txt").write_text(format_report(metrics))
     # The functional form never syncs: rank 0 alone holds every prediction, other DDP ranks have left.
@@ -90,5 +94,8 @@ def evaluate_folder(
     out_dir = Path(out_dir)
     model = load_classifier(checkpoint).to(device)
     images = scan_labeled_folder(resolve_test_folder(folder), model.classes)
-    probabilities = predict_paths(model, images.paths, batch_size=batch_size, num_workers=num_workers)
-    return write_evaluation(out_dir, images.paths, torch.tensor(images.targets), probabilities, model.classes)
+    readable, undecodable = split_decodable(images.paths)
+    paths = [path for path, ok in zip(images.paths, readable) if ok]
+    targets = torch.tensor([target for target, ok in zip(images.targets, readable) if ok])
+    probabilities = predict_paths(model, paths, batch_size=batch_size, num_workers=num_workers)
+    return write_evaluation(out_dir, paths, targets, probabilities, model.classes, skipped=images.skipped + undecodable)

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from detect_waste_cls.data import batch as keys
 from detect_waste_cls.data.datasets import ImageDataset
-from detect_waste_cls.data.images import scan_images
+from detect_waste_cls.data.images import scan_images, split_decodable
 from detect_waste_cls.data.transforms import EvalPreset
 from detect_waste_cls.errors import UserInputError
 from detect_waste_cls.models.classifier import LitterClassifier, load_classifier
@@ -35,12 +35,14 @@ def predict_folder(checkpoint: str | Path, images: str | Path, out_csv: str | Pa
     model = load_classifier(checkpoint)
     report = scan_images(images, recursive=True)
     report.warn_skipped(images)
-    if not report.paths:
+    readable, _ = split_decodable(report.paths)
+    paths = [path for path, ok in zip(report.paths, readable) if ok]
+    if not paths:
         raise UserInputError(f"no readable images under {images}")
-    probabilities = predict_paths(model, report.paths, batch_size=batch_size)
+    probabilities = predict_paths(model, paths, batch_size=batch_size)
     confidences, labels = probabilities.topk(min(top_k, len(model.classes)), dim=1)
     rows = []
-    for path, label_row, confidence_row in zip(report.paths, labels.tolist(), confidences.tolist()):
+    for path, label_row, confidence_row in zip(paths, labels.tolist(), confidences.tolist()):
         row = {"path": str(path), "label": model.classes[label_row[0]], "confidence": confidence_row[0]}
         for rank, (label, confidence) in enumerate(zip(label_row, confidence_row), start=1):
             row[f"top{rank}_label"], row[f"top{rank}_confidence"] = model.classes[label], confidence

@@ -29,6 +29,7 @@ from detect_waste_cls.tracking import NeptuneLogger, build_loggers, log_evaluati
 
 log = logging.getLogger(__name__)
 
+SKIPPED_FILES = "skipped_files.txt"  # every unreadable file of the run: at scan, in training, at evaluation
 SAMPLE_DATA = Path(__file__).resolve().parents[1] / "data" / "sample"
 # The sample's images are 160 px on their longer side: upscaling them to a native 224+ px adds only compute.
 SAMPLE_IMAGE_SIZE = 160
@@ -136,6 +137,7 @@ def train(config: TrainConfig = TrainConfig(), *, callbacks: Sequence[pl.Callbac
     if config.run.resume:
         check_checkpoint_classes(config.run.resume, datamodule.classes)
     run_dir = create_run_dir(config.run.out, config.model.name)
+    datamodule.skipped_log = run_dir / SKIPPED_FILES
     model = LitterClassifier(classes=datamodule.classes, image_size=config.data.image_size,
                              model=config.model, optim=config.optim, pseudo=config.pseudo)
     checkpoints = ModelCheckpoint(
@@ -191,6 +193,9 @@ def report_run(trainer: pl.Trainer, datamodule: WasteDataModule, loggers, best: 
     if (run_dir / "metrics.csv").is_file():
         plot_training_curves(run_dir / "metrics.csv", run_dir / "training_curves.png")
     metrics = None
+    skipped = {str(path) for path in datamodule.layout.skipped}
+    if (run_dir / SKIPPED_FILES).is_file():
+        skipped |= set((run_dir / SKIPPED_FILES).read_text().splitlines())
     if datamodule.layout.test is None:
         log.warning("no test split at %s: skipped the final evaluation", datamodule.layout.root / "test")
     else:
@@ -203,6 +208,10 @@ def report_run(trainer: pl.Trainer, datamodule: WasteDataModule, loggers, best: 
                      "classification_report": run_dir / "classification_report.txt"}
         log_evaluation(loggers, metrics, artifacts, step=trainer.global_step)
         print(f"\ntest metrics of {best}:\n{format_report(metrics)}\nrun folder: {run_dir}")
+        skipped |= set(metrics["skipped_images"])
+    if skipped:
+        (run_dir / SKIPPED_FILES).write_text("".join(f"{path}\n" for path in sorted(skipped)))
+        log.warning("%d unreadable file(s) were left out; listed in %s", len(skipped), run_dir / SKIPPED_FILES)
     for logger in loggers:
         if isinstance(logger, NeptuneLogger):
             logger.close()

@@ -4,8 +4,9 @@
 
 Each row is a partial config file in experiments/configs/<table>/ ({section: {field: value}}, the
 keys of TrainConfig and of every run's config.json); profiles.json there adds each profile's
-config (tiny CPU runs, or the real recipe), its seeds, and optionally a baseline row that every
-other row is compared with seed by seed. Every row is checked against TrainConfig before the
+config (tiny CPU runs, or the real recipe), its seeds, optionally a baseline row that every
+other row is compared with seed by seed, and optionally substitute_models ({row model: model to
+train instead}). Every row is checked against TrainConfig before the
 first run starts. Rows already done are skipped, so an interrupted run resumes where it stopped.
 """
 
@@ -37,6 +38,25 @@ def load_rows(table: str, only: list[str] | None) -> dict[str, dict]:
     if unknown:
         sys.exit(f"error: unknown row(s) {', '.join(unknown)}; rows of {table}: {', '.join(rows)}")
     return {name: row for name, row in rows.items() if not only or name in only}
+
+
+def row_configs(rows: dict[str, dict], profile: dict, where: str) -> dict[str, dict]:
+    """Each row's full config: the profile's, then the row's own values, then the profile's model substitutes.
+
+    Every row is checked against TrainConfig here, before the first (long) run starts.
+    """
+    configs = {}
+    for name, row in rows.items():
+        config = merge(profile["config"], row)
+        substitute = profile.get("substitute_models", {}).get(config.get("model", {}).get("name"))
+        if substitute:  # e.g. a CPU profile that keeps the table's rows with models that fit the machine
+            config = merge(config, {"model": {"name": substitute}})
+        try:
+            TrainConfig.from_dict(config, f"row {name} with {where}")
+        except UserInputError as error:
+            sys.exit(f"error: {error}")
+        configs[name] = config
+    return configs
 
 
 def set_aside(folder: Path, reason: str) -> None:
@@ -152,13 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     profile = profiles[args.profile]
     results = args.results or Path(__file__).resolve().parent / "results" / f"{args.table}-{args.profile}"
     rows = load_rows(args.table, args.only)
-    configs = {}
-    for name, row in rows.items():  # every row checked before the first (long) run starts
-        configs[name] = merge(profile["config"], row)  # the row's own values win
-        try:
-            TrainConfig.from_dict(configs[name], f"{args.table}/{name}.json with profile {args.profile}")
-        except UserInputError as error:
-            sys.exit(f"error: {error}")
+    configs = row_configs(rows, profile, f"profile {args.profile} of {args.table}")
     for name in rows:
         for seed in args.seeds or profile["seeds"]:
             out = results / "runs" / f"{name}-seed{seed}"

@@ -32,6 +32,17 @@ def test_a_row_with_an_unknown_field_stops_the_runner_before_any_run(tmp_path, m
     assert not (tmp_path / "r").exists()
 
 
+def test_the_cpu_profile_trains_the_paper_rows_with_offline_pretrained_models():
+    profiles = json.loads((REPO_ROOT / "experiments/configs/paper/profiles.json").read_text())
+    rows = reproduce.load_rows("paper", None)
+    configs = reproduce.row_configs(rows, profiles["cpu"], "cpu")
+    models = {name: config["model"]["name"] for name, config in configs.items()}
+    assert models["effb2_weighted_per-batch"] == "efficientnet-lite1" and models["resnet50_random_none"] == "efficientnet-lite0"
+    assert {config["model"]["name"] for config in configs.values()} == {f"efficientnet-lite{i}" for i in range(3)}
+    assert configs["effb4_random_per-epoch"]["pseudo"]["mode"] == "per_epoch"  # the row's own settings stay
+    assert all(config["model"]["pretrained"] for config in configs.values())
+
+
 @pytest.fixture(scope="module")
 def smoke_results(tmp_path_factory):
     root = tmp_path_factory.mktemp("reproduce")

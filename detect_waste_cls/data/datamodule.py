@@ -40,6 +40,7 @@ class PseudoImages:
 
     paths: list[Path]
     folder_targets: list[int]
+    skipped: list[Path]
 
 
 def stratified_split(targets: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -69,7 +70,7 @@ def scan_pseudolabel_folder(folder: Path, classes: list[str]) -> PseudoImages:
         classes.index(path.parent.name) if path.parent != folder and path.parent.name in classes else -1
         for path in report.paths
     ]
-    return PseudoImages(report.paths, folder_targets)
+    return PseudoImages(report.paths, folder_targets, report.skipped)
 
 
 @dataclass
@@ -80,6 +81,7 @@ class DatasetLayout:
     val: LabeledImages
     test: LabeledImages | None
     pseudo: PseudoImages | None
+    skipped: list[Path]  # unreadable files found while scanning, in every split
 
     @classmethod
     def discover(cls, data: str | Path, *, val_split: float = 0.1, seed: int = 0) -> DatasetLayout:
@@ -88,8 +90,10 @@ class DatasetLayout:
         classes = train.classes
         test = scan_labeled_folder(root / "test", classes) if (root / "test").is_dir() else None
         pseudo = scan_pseudolabel_folder(root / "pseudolabel", classes) if (root / "pseudolabel").is_dir() else None
+        skipped = [path for split in (train, test, pseudo) if split is not None for path in split.skipped]
         if (root / "val").is_dir():
             val = scan_labeled_folder(root / "val", classes)
+            skipped += val.skipped
         elif val_split > 0:
             kept, carved = stratified_split(train.targets, val_split, seed)
             train, val = _subset(train, kept), _subset(train, carved)
@@ -98,7 +102,7 @@ class DatasetLayout:
             val = test
         else:
             raise UserInputError(f"--val-split 0 needs a test split to validate on, and {root / 'test'} is missing")
-        return cls(root, classes, train, val, test, pseudo)
+        return cls(root, classes, train, val, test, pseudo, skipped)
 
     def describe(self) -> str:
         parts = [f"{len(self.classes)} classes", f"train {len(self.train.paths)}", f"val {len(self.val.paths)}"]
@@ -145,6 +149,12 @@ class WasteDataModule(pl.LightningDataModule):
         # no randomness from the labeled side: with one --seed, a pseudo-labeling run trains exactly
         # like --pseudo none until --pseudo-start, and the two can be compared seed by seed.
         self.pseudo_train_view = TrainPreset(size=self.image_size, normalization=normalization, seed=self.pseudo_seed)
+        self.strict = data.strict
+        self.skipped_log: Path | None = None  # set by train() to <run folder>/skipped_files.txt
+
+    def skipped_log_for_datasets(self) -> Path | None:
+        """Where training-time datasets list the files they could not decode; None (= fail) with --strict."""
+        return None if self.strict else self.skipped_log
 
     @property
     def classes(self) -> list[str]:
@@ -178,7 +188,8 @@ class WasteDataModule(pl.LightningDataModule):
 
     def labeled_dataset(self, images: LabeledImages, *, train: bool) -> ImageDataset:
         view = self.train_view if train else self.eval_view
-        return ImageDataset(images.paths, {keys.IMAGE: view}, images.targets)
+        skipped_log = self.skipped_log_for_datasets()
+        return ImageDataset(images.paths, {keys.IMAGE: view}, images.targets, skipped_log=skipped_log)
 
     def pseudo_dataset(self, *, train: bool) -> ImageDataset:
         """Training view (plus the eval view that per_batch labels from), or the eval view alone."""
@@ -187,7 +198,7 @@ class WasteDataModule(pl.LightningDataModule):
             views = {keys.IMAGE: self.pseudo_train_view}
             if self.pseudo_mode == "per_batch":
                 views[keys.EVAL_IMAGE] = self.eval_view
-        return ImageDataset(self.layout.pseudo.paths, views)
+        return ImageDataset(self.layout.pseudo.paths, views, skipped_log=self.skipped_log_for_datasets())
 
     def train_dataloader(self):
         rank, world = self._rank_and_world()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -11,6 +12,9 @@ from torch.utils.data import Dataset, Subset, get_worker_info
 
 from detect_waste_cls.data import batch as keys
 from detect_waste_cls.data.images import load_rgb
+from detect_waste_cls.errors import UserInputError
+
+log = logging.getLogger(__name__)
 
 Transform = Callable[[np.ndarray], torch.Tensor]
 
@@ -21,14 +25,28 @@ class ImageDataset(Dataset):
     The index travels with the batch so pseudo-labels can be looked up by image, never by
     position in a shuffled batch. Pseudolabel datasets are built without targets, so folder
     labels cannot reach a loss.
+
+    With `skipped_log`, a file that fails to decode is replaced by the next readable image of the
+    split (its index and target come along, so labels stay right) and its path is appended to
+    that file, so an epoch never stops on one bad file. Without it, the failure is an error
+    naming the file.
     """
 
-    def __init__(self, paths: Sequence[Path], views: Mapping[str, Transform], targets: Sequence[int] | None = None):
+    def __init__(
+        self,
+        paths: Sequence[Path],
+        views: Mapping[str, Transform],
+        targets: Sequence[int] | None = None,
+        *,
+        skipped_log: Path | None = None,
+    ):
         if targets is not None and len(targets) != len(paths):
             raise ValueError(f"{len(paths)} paths but {len(targets)} targets")
         self.paths = list(paths)
         self.views = dict(views)
         self.targets = None if targets is None else list(targets)
+        self.skipped_log = skipped_log
+        self._skipped: set[int] = set()  # per process (each worker keeps its own)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -38,11 +56,30 @@ class ImageDataset(Dataset):
             if hasattr(view, "reseed"):
                 view.reseed(seed + offset)
 
+    def _load(self, index: int) -> tuple[int, np.ndarray]:
+        """The image at `index`, or with a skipped_log the next readable one after it."""
+        for position in (i % len(self.paths) for i in range(index, index + len(self.paths))):
+            if position in self._skipped:
+                continue
+            try:
+                return position, load_rgb(self.paths[position])
+            except UserInputError as error:
+                if self.skipped_log is None:
+                    raise
+                self._skip(position, error)
+        raise UserInputError(f"no image of this split can be read (first: {self.paths[0]})")
+
+    def _skip(self, position: int, error: UserInputError) -> None:
+        self._skipped.add(position)
+        log.warning("%s; training on another image in its place", error)
+        with open(self.skipped_log, "a") as file:  # one short line per append: safe across workers
+            file.write(f"{self.paths[position]}\n")
+
     def __getitem__(self, index: int) -> dict:
-        image = load_rgb(self.paths[index])
-        item = {keys.INDEX: index, **{name: transform(image) for name, transform in self.views.items()}}
+        position, image = self._load(index)
+        item = {keys.INDEX: position, **{name: transform(image) for name, transform in self.views.items()}}
         if self.targets is not None:
-            item[keys.TARGET] = self.targets[index]
+            item[keys.TARGET] = self.targets[position]
         return item
 
 

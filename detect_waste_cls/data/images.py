@@ -25,32 +25,66 @@ def is_image_file(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
 
 
+# What PIL raises for a file it cannot decode: not an image, truncated, or over its pixel limit
+# (Image.MAX_IMAGE_PIXELS, the guard against decompression bombs).
+DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError)
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I")
+
+
 def load_rgb(path: str | Path) -> np.ndarray:
     """Read an image as an HxWx3 uint8 array, upright (EXIF orientation applied).
 
     Transparent images are composited on white rather than on whatever colour hides
-    under the alpha channel; CMYK, palette and grayscale images are converted to RGB.
+    under the alpha channel; CMYK, palette and grayscale images are converted to RGB;
+    16-bit grayscale keeps its top 8 bits (PIL's own conversion would clip it to white).
     """
     try:
         with Image.open(path) as image:
             image = ImageOps.exif_transpose(image)
+            if image.mode in SIXTEEN_BIT_MODES:
+                high_bits = (np.asarray(image).astype(np.uint32) >> 8).clip(0, 255).astype(np.uint8)
+                return np.repeat(high_bits[..., None], 3, axis=2)
             if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
                 rgba = image.convert("RGBA")
                 background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
                 image = Image.alpha_composite(background, rgba)
             return np.asarray(image.convert("RGB"))
-    except (OSError, UnidentifiedImageError, ValueError) as error:
+    except DECODE_ERRORS as error:
         raise UserInputError(f"cannot read image {path}: {error}") from error
 
 
 def _is_readable_image(path: Path) -> bool:
-    """Cheap header check: catches empty, truncated-header and non-image files at scan time."""
+    """Cheap header check: catches empty, truncated-header, oversized and non-image files at scan time.
+
+    A file whose header is fine but whose pixel data is cut short passes; it fails at its first decode,
+    where the datasets replace it (see ImageDataset) and list it in the run's skipped_files.txt.
+    """
     try:
         with Image.open(path) as image:
             width, height = image.size
         return width > 0 and height > 0
-    except (OSError, UnidentifiedImageError, ValueError):
+    except DECODE_ERRORS:
         return False
+
+
+def split_decodable(paths: list[Path]) -> tuple[list[bool], list[Path]]:
+    """Decode each image once: which ones can be read, and the paths of those that cannot (warned about).
+
+    For the images where a replacement would give a wrong answer (test, predict): a file that
+    fails mid-prediction would stop the job, so they are checked up front and left out.
+    """
+    readable = []
+    for path in paths:
+        try:
+            load_rgb(path)
+            readable.append(True)
+        except UserInputError:
+            readable.append(False)
+    undecodable = [path for path, ok in zip(paths, readable) if not ok]
+    if undecodable:
+        log.warning("left out %d image(s) that cannot be decoded: %s", len(undecodable),
+                    ", ".join(map(str, undecodable[:3])) + (" ..." if len(undecodable) > 3 else ""))
+    return readable, undecodable
 
 
 @dataclass

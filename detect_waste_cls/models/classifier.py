@@ -11,6 +11,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
@@ -56,8 +57,9 @@ class LitterClassifier(pl.LightningModule):
     """Its settings are the config sections it is given; their defaults live in config.py.
 
     Fine-tuning (optim.finetune): for the first `optim.probe_epochs` epochs only the head trains,
-    on features of a frozen backbone in eval mode (batch-norm statistics frozen too); after that
-    everything trains, the backbone at `optim.backbone_lr_scale` times the head's learning rate.
+    at `optim.probe_lr`, on features of a frozen backbone in eval mode (batch-norm statistics frozen
+    too); after that everything trains, the backbone at `optim.backbone_lr_scale` times the head's
+    `optim.lr`, its batch-norm statistics still frozen when `optim.freeze_bn`.
     """
 
     def __init__(
@@ -110,9 +112,14 @@ class LitterClassifier(pl.LightningModule):
         frozen = self.backbone_frozen(self.current_epoch)
         for parameter in self.backbone_parameters:
             parameter.requires_grad_(not frozen)
-        if frozen:
-            self.model.eval()  # batch-norm statistics and dropout of the backbone stay as loaded
-            self.head.train()
+        # Frozen: the backbone computes eval-mode features, as a linear probe should. Lightning restores
+        # each module's mode after validation, so modes are set both ways, every epoch.
+        self.model.train(not frozen)
+        self.head.train()
+        if self.optim.freeze_bn:
+            for module in self.model.modules():
+                if isinstance(module, _BatchNorm):
+                    module.eval()
 
     def pseudo_ramp(self, batch_idx: int) -> float:
         """The warm-up factor of the pseudo-label term at this step (same on every rank)."""

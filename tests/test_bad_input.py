@@ -1,0 +1,100 @@
+"""Messy folders: broken files never stop a run and are listed; odd but valid images decode correctly."""
+
+import io
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from conftest import make_tree, train_args
+from detect_waste_cls.cli import main
+from detect_waste_cls.data.datamodule import DatasetLayout
+from detect_waste_cls.data.images import load_rgb, scan_images
+from detect_waste_cls.errors import UserInputError
+
+
+def noisy(size=(96, 72), seed=0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def add_messy_files(folder):
+    """Three broken files, three odd but valid images and two hidden files, in one class folder."""
+    (folder / "empty.jpg").write_bytes(b"")
+    buffer = io.BytesIO()
+    noisy().save(buffer, "JPEG", quality=95)
+    (folder / "cut.jpg").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 3])  # header fine, pixels cut
+    (folder / "notes.jpg").write_text("not an image")
+    noisy(seed=1).convert("CMYK").save(folder / "cmyk.jpg")
+    Image.fromarray((np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16)).save(folder / "deep.png")
+    noisy(seed=2).convert("RGBA").save(folder / "alpha.png")
+    (folder / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    noisy(seed=3).save(folder / "._cmyk.jpg")  # macOS resource fork: hidden, even though it decodes
+    return {folder / name for name in ("empty.jpg", "cut.jpg", "notes.jpg")}
+
+
+def test_a_run_completes_and_lists_exactly_the_broken_files(tmp_path):
+    data = make_tree(tmp_path / "data", {"train": {"glass": 8, "metal": 8}, "test": {"glass": 2, "metal": 2}})
+    broken = add_messy_files(data / "images_square" / "train" / "glass")
+    out = tmp_path / "run"
+    args = train_args(data, out, "--val-split", "0.01")  # every train image is drawn each epoch
+    assert main(args) == 0
+    assert {line for line in (out / "skipped_files.txt").read_text().splitlines()} == {str(p) for p in broken}
+    used = {p.name for p in DatasetLayout.discover(data, val_split=0.01).train.paths}
+    assert {"cmyk.jpg", "deep.png", "alpha.png"} <= used and not used & {".DS_Store", "._cmyk.jpg", "empty.jpg", "notes.jpg"}
+    assert (out / "metrics.json").is_file()
+
+
+def test_strict_makes_an_undecodable_file_an_error_naming_it(tmp_path, capsys):
+    data = make_tree(tmp_path / "data", {"train": {"glass": 8, "metal": 8}, "test": {"glass": 2, "metal": 2}})
+    add_messy_files(data / "images_square" / "train" / "glass")
+    assert main(train_args(data, tmp_path / "run", "--val-split", "0.01", "--strict")) == 2
+    assert "cut.jpg" in capsys.readouterr().err
+
+
+def test_a_broken_test_image_is_left_out_of_the_metrics_and_listed(tmp_path):
+    data = make_tree(tmp_path / "data", {"train": {"glass": 8, "metal": 8}, "test": {"glass": 2, "metal": 2}})
+    broken = add_messy_files(data / "images_square" / "test" / "glass")
+    out = tmp_path / "run"
+    assert main(train_args(data, out)) == 0
+    assert set((out / "skipped_files.txt").read_text().splitlines()) == {str(p) for p in broken}
+    # 4 colour images + cmyk, deep, alpha: every readable test image is scored, no broken one.
+    assert json.loads((out / "metrics.json").read_text())["num_images"] == 7
+
+
+def test_sixteen_bit_grayscale_keeps_its_levels(tmp_path):
+    levels = (np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16)
+    Image.fromarray(levels).save(tmp_path / "deep.png")
+    rgb = load_rgb(tmp_path / "deep.png")
+    assert rgb.shape == (64, 64, 3) and rgb.dtype == np.uint8
+    assert np.array_equal(rgb[..., 0], (levels >> 8).astype(np.uint8)) and np.array_equal(rgb[..., 0], rgb[..., 2])
+
+
+def test_cmyk_and_transparent_images_become_the_rgb_a_viewer_shows(tmp_path):
+    Image.new("CMYK", (8, 8), (0, 255, 255, 0)).save(tmp_path / "red.jpg", quality=100)  # pure red in CMYK
+    assert np.abs(load_rgb(tmp_path / "red.jpg")[4, 4].astype(int) - (255, 0, 0)).max() < 8
+    Image.new("RGBA", (8, 8), (0, 0, 0, 0)).save(tmp_path / "clear.png")  # transparent black
+    assert (load_rgb(tmp_path / "clear.png") == 255).all()  # on white, not black
+
+
+def test_decompression_bombs_stop_at_the_pixel_limit(tmp_path, monkeypatch):
+    noisy((40, 40)).save(tmp_path / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 1,600 pixels is over twice the limit: PIL refuses
+    with pytest.raises(UserInputError, match="bomb.png"):
+        load_rgb(tmp_path / "bomb.png")
+    assert scan_images(tmp_path).skipped == [tmp_path / "bomb.png"]
+
+
+def test_predict_leaves_broken_files_out_and_predicts_the_rest(tmp_path):
+    data = make_tree(tmp_path / "data", {"train": {"glass": 6, "metal": 6}, "test": {"glass": 2, "metal": 2}})
+    assert main(train_args(data, tmp_path / "run")) == 0
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    broken = add_messy_files(photos)
+    assert main(["predict", "--checkpoint", str(tmp_path / "run" / "checkpoints" / "last.ckpt"), "--images", str(photos),
+                 "--out", str(tmp_path / "p.csv")]) == 0
+    predicted = set(pd.read_csv(tmp_path / "p.csv").path)
+    assert predicted == {str(photos / name) for name in ("cmyk.jpg", "deep.png", "alpha.png")}
+    assert not predicted & {str(p) for p in broken}

@@ -92,6 +92,25 @@ class EpochSummary(pl.Callback):
         pl.utilities.rank_zero_info(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}  {shown}")
 
 
+class TrainingDiverged(UserInputError):
+    """The loss stopped being a number; the checkpoints written before that are kept as they are."""
+
+
+class StopOnNonFiniteLoss(pl.Callback):
+    """Stops at the first NaN or infinite training loss, on every DDP rank at once, before it is saved anywhere."""
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int):
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        diverged = not bool(torch.isfinite(loss.detach()).all())
+        if trainer.strategy.reduce_boolean_decision(diverged, all=False):  # any rank: all ranks stop together
+            last = Path(trainer.checkpoint_callback.dirpath or "") / "last.ckpt" if trainer.checkpoint_callback else None
+            kept = f"; the last good checkpoint is {last}" if last is not None and last.is_file() else ""
+            raise TrainingDiverged(
+                f"the training loss became {float(loss):.4g} at epoch {trainer.current_epoch}, step {trainer.global_step}"
+                f"{kept}. Lower --lr (or --probe-lr), or try --precision 32-true"
+            )
+
+
 def resolve_config(config: TrainConfig) -> TrainConfig:
     """Every value left to a default that depends on something else, decided once; config.json records the result."""
     data, model = config.data, resolve_model(config.model)
@@ -143,7 +162,7 @@ def train(config: TrainConfig = TrainConfig(), *, callbacks: Sequence[pl.Callbac
     checkpoints = ModelCheckpoint(
         dirpath=run_dir / "checkpoints", filename="best-{epoch:02d}", monitor="val/loss", mode="min", save_last=True
     )
-    all_callbacks = [checkpoints, EpochSummary(), *callbacks]
+    all_callbacks = [checkpoints, EpochSummary(), StopOnNonFiniteLoss(), *callbacks]
     if config.pseudo.mode != "none":
         all_callbacks.append(PseudoLabelRefresh(model.pseudo, output_csv=run_dir / "pseudo_labels.csv"))
     loggers = build_loggers(

@@ -98,3 +98,41 @@ def test_predict_leaves_broken_files_out_and_predicts_the_rest(tmp_path):
     predicted = set(pd.read_csv(tmp_path / "p.csv").path)
     assert predicted == {str(photos / name) for name in ("cmyk.jpg", "deep.png", "alpha.png")}
     assert not predicted & {str(p) for p in broken}
+
+
+def test_a_nan_loss_stops_training_with_one_message_and_keeps_the_last_good_checkpoint(tmp_path):
+    import lightning.pytorch as pl
+    import torch
+
+    from detect_waste_cls.cli import build_parser, config_from_args
+    from detect_waste_cls.train import TrainingDiverged, train
+
+    class PoisonSecondEpoch(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.current_epoch == 1:
+                with torch.no_grad():
+                    pl_module.head.weight.fill_(float("nan"))
+
+    data = make_tree(tmp_path / "data", {"train": {"glass": 8, "metal": 8}, "test": {"glass": 2, "metal": 2}})
+    out = tmp_path / "run"
+    config = config_from_args(build_parser().parse_args(train_args(data, out, "--epochs", "3")), "simple-cnn")
+    with pytest.raises(TrainingDiverged, match=r"became nan at epoch 1.*last good checkpoint is .*last.ckpt"):
+        train(config, callbacks=[PoisonSecondEpoch()])
+    saved = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
+    assert saved["epoch"] == 0 and all(torch.isfinite(v).all() for v in saved["state_dict"].values() if v.is_floating_point())
+
+
+def test_tokens_never_reach_any_file_a_run_or_a_test_mode_writes(tmp_path, monkeypatch):
+    tokens = {name: f"fake-{name.lower()}-5e3cret" for name in ("NEPTUNE_API_TOKEN", "WANDB_API_KEY", "HF_TOKEN")}
+    for name, value in tokens.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("NEPTUNE_MODE", "offline")
+    data = make_tree(tmp_path / "data", {"train": {"glass": 6, "metal": 6}, "test": {"glass": 2, "metal": 2}})
+    assert main(train_args(data, tmp_path / "run", "--neptune")) == 0
+    assert main(["test", "--data", str(data), "--checkpoint", str(tmp_path / "run" / "checkpoints" / "last.ckpt"),
+                 "--out", str(tmp_path / "test"), "--num-workers", "0"]) == 0
+    written = [p for folder in ("run", "test") for p in (tmp_path / folder).rglob("*") if p.is_file()]
+    assert len(written) > 10 and any(".neptune" in p.parts for p in written)
+    for path in written:
+        content = path.read_bytes()
+        assert not any(value.encode() in content for value in tokens.values()), path

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from detect_waste_cls.data.prepare import DETECTWASTE_MAPPING, crop_coco, split_dataset
@@ -397,3 +400,28 @@ def test_detectwaste_mapping_has_the_seven_classes() -> None:
     assert DETECTWASTE_MAPPING["Cigarette"] == "non_recyclable"
     assert DETECTWASTE_MAPPING["Battery"] == "other"
     assert DETECTWASTE_MAPPING["Unlabeled litter"] == "unknown"
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    counts=st.dictionaries(st.sampled_from(["glass", "metal", "paper", "trash"]), st.integers(1, 12), min_size=1, max_size=4),
+    test=st.sampled_from([0.0, 0.1, 0.2, 0.3]),
+    pseudo=st.sampled_from([0.0, 0.25, 0.5]),
+    seed=st.integers(0, 3),
+)
+def test_split_property_every_image_once_stratified_and_seeded(counts, test, pseudo, seed):
+    """Every source image lands in exactly one split, each class within one image of its share, same seed same split."""
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        for name, count in counts.items():
+            for i in range(count):
+                write_image(root / "src" / name / f"{name}{i}.png", random_pixels(4, 4, seed=i))
+        first = split_dataset(root / "src", root / "a", test=test, pseudo=pseudo, link=True, seed=seed)
+        again = split_dataset(root / "src", root / "b", test=test, pseudo=pseudo, link=True, seed=seed)
+        sources = sorted(str(p.absolute()) for p in (root / "src").rglob("*.png"))
+        assert sorted(first.source) == sources  # each exactly once
+        for name, count in counts.items():
+            per_split = first[first["class"] == name].split.value_counts()
+            for split, share in (("test", test), ("pseudolabel", pseudo)):
+                assert abs(per_split.get(split, 0) - count * share) <= 1, (name, split)
+        assert first[["source", "split"]].equals(again[["source", "split"]])

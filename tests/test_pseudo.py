@@ -155,3 +155,19 @@ def test_same_seed_trains_exactly_like_no_pseudo_labels_until_the_start_epoch(tm
 
     pd.testing.assert_frame_equal(logged("none", [0, 1]), logged(mode, [0, 1]))
     assert not logged("none", [2])["train/loss"].equals(logged(mode, [2])["train/loss"])
+
+
+def test_the_refresh_callback_names_what_it_needs_from_the_datamodule():
+    from types import SimpleNamespace
+
+    import lightning.pytorch as pl
+
+    from detect_waste_cls.config import PseudoConfig
+    from detect_waste_cls.pseudo.callbacks import PseudoLabelRefresh
+
+    refresh = PseudoLabelRefresh(PseudoConfig(mode="per_epoch", start=0))
+    trainer = SimpleNamespace(datamodule=pl.LightningDataModule())
+    with pytest.raises(TypeError, match="pseudo_images, pseudo_inference_dataloader"):
+        refresh.setup(trainer, None, "fit")
+    with pytest.raises(ValueError, match="resolved"):
+        PseudoLabelRefresh(PseudoConfig(mode="per_epoch"))  # start still unset: train() resolves it

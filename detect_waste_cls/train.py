@@ -156,7 +156,7 @@ def train(config: TrainConfig = TrainConfig(), *, callbacks: Sequence[pl.Callbac
     if config.run.resume:
         check_checkpoint_classes(config.run.resume, datamodule.classes)
     run_dir = create_run_dir(config.run.out, config.model.name)
-    datamodule.skipped_log = run_dir / SKIPPED_FILES
+    datamodule.skipped_log = None if config.data.strict else run_dir / SKIPPED_FILES
     model = LitterClassifier(classes=datamodule.classes, image_size=config.data.image_size,
                              model=config.model, optim=config.optim, pseudo=config.pseudo)
     checkpoints = ModelCheckpoint(

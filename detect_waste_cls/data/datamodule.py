@@ -149,12 +149,9 @@ class WasteDataModule(pl.LightningDataModule):
         # no randomness from the labeled side: with one --seed, a pseudo-labeling run trains exactly
         # like --pseudo none until --pseudo-start, and the two can be compared seed by seed.
         self.pseudo_train_view = TrainPreset(size=self.image_size, normalization=normalization, seed=self.pseudo_seed)
-        self.strict = data.strict
-        self.skipped_log: Path | None = None  # set by train() to <run folder>/skipped_files.txt
-
-    def skipped_log_for_datasets(self) -> Path | None:
-        """Where training-time datasets list the files they could not decode; None (= fail) with --strict."""
-        return None if self.strict else self.skipped_log
+        # Where datasets list the files they cannot decode and replace; train() sets <run>/skipped_files.txt
+        # unless --strict. None: such a file is an error naming it.
+        self.skipped_log: Path | None = None
 
     @property
     def classes(self) -> list[str]:
@@ -188,8 +185,7 @@ class WasteDataModule(pl.LightningDataModule):
 
     def labeled_dataset(self, images: LabeledImages, *, train: bool) -> ImageDataset:
         view = self.train_view if train else self.eval_view
-        skipped_log = self.skipped_log_for_datasets()
-        return ImageDataset(images.paths, {keys.IMAGE: view}, images.targets, skipped_log=skipped_log)
+        return ImageDataset(images.paths, {keys.IMAGE: view}, images.targets, skipped_log=self.skipped_log)
 
     def pseudo_dataset(self, *, train: bool) -> ImageDataset:
         """Training view (plus the eval view that per_batch labels from), or the eval view alone."""
@@ -198,7 +194,7 @@ class WasteDataModule(pl.LightningDataModule):
             views = {keys.IMAGE: self.pseudo_train_view}
             if self.pseudo_mode == "per_batch":
                 views[keys.EVAL_IMAGE] = self.eval_view
-        return ImageDataset(self.layout.pseudo.paths, views, skipped_log=self.skipped_log_for_datasets())
+        return ImageDataset(self.layout.pseudo.paths, views, skipped_log=self.skipped_log)
 
     def train_dataloader(self):
         rank, world = self._rank_and_world()

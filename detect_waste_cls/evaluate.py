@@ -15,7 +15,7 @@ from torchmetrics.functional.classification import (
     multiclass_recall,
 )
 
-from detect_waste_cls.data.images import resolve_test_folder, scan_labeled_folder, split_decodable
+from detect_waste_cls.data.images import keep_decodable, resolve_test_folder, scan_labeled_folder
 from detect_waste_cls.models.classifier import load_classifier
 from detect_waste_cls.plots import plot_confusion
 from detect_waste_cls.predict import predict_paths
@@ -94,8 +94,9 @@ def evaluate_folder(
     out_dir = Path(out_dir)
     model = load_classifier(checkpoint).to(device)
     images = scan_labeled_folder(resolve_test_folder(folder), model.classes)
-    readable, undecodable = split_decodable(images.paths)
-    paths = [path for path, ok in zip(images.paths, readable) if ok]
-    targets = torch.tensor([target for target, ok in zip(images.targets, readable) if ok])
-    probabilities = predict_paths(model, paths, batch_size=batch_size, num_workers=num_workers)
-    return write_evaluation(out_dir, paths, targets, probabilities, model.classes, skipped=images.skipped + undecodable)
+    decodable = keep_decodable(images.paths, Path(folder))
+    kept = set(decodable.paths)
+    targets = torch.tensor([target for path, target in zip(images.paths, images.targets) if path in kept])
+    probabilities = predict_paths(model, decodable.paths, batch_size=batch_size, num_workers=num_workers)
+    return write_evaluation(out_dir, decodable.paths, targets, probabilities, model.classes,
+                            skipped=images.skipped + decodable.skipped)

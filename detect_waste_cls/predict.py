@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader
 
 from detect_waste_cls.data import batch as keys
 from detect_waste_cls.data.datasets import ImageDataset
-from detect_waste_cls.data.images import scan_images, split_decodable
+from detect_waste_cls.data.images import keep_decodable, scan_images
 from detect_waste_cls.data.transforms import EvalPreset
 from detect_waste_cls.errors import UserInputError
 from detect_waste_cls.models.classifier import LitterClassifier, load_classifier
@@ -35,8 +35,7 @@ def predict_folder(checkpoint: str | Path, images: str | Path, out_csv: str | Pa
     model = load_classifier(checkpoint)
     report = scan_images(images, recursive=True)
     report.warn_skipped(images)
-    readable, _ = split_decodable(report.paths)
-    paths = [path for path, ok in zip(report.paths, readable) if ok]
+    paths = keep_decodable(report.paths, images).paths
     if not paths:
         raise UserInputError(f"no readable images under {images}")
     probabilities = predict_paths(model, paths, batch_size=batch_size)

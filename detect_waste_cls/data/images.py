@@ -67,26 +67,6 @@ def _is_readable_image(path: Path) -> bool:
         return False
 
 
-def split_decodable(paths: list[Path]) -> tuple[list[bool], list[Path]]:
-    """Decode each image once: which ones can be read, and the paths of those that cannot (warned about).
-
-    For the images where a replacement would give a wrong answer (test, predict): a file that
-    fails mid-prediction would stop the job, so they are checked up front and left out.
-    """
-    readable = []
-    for path in paths:
-        try:
-            load_rgb(path)
-            readable.append(True)
-        except UserInputError:
-            readable.append(False)
-    undecodable = [path for path, ok in zip(paths, readable) if not ok]
-    if undecodable:
-        log.warning("left out %d image(s) that cannot be decoded: %s", len(undecodable),
-                    ", ".join(map(str, undecodable[:3])) + (" ..." if len(undecodable) > 3 else ""))
-    return readable, undecodable
-
-
 @dataclass
 class ScanReport:
     """Images found under a folder, plus the files that were skipped and why."""
@@ -99,6 +79,23 @@ class ScanReport:
             shown = ", ".join(str(p) for p in self.skipped[:3])
             more = f" and {len(self.skipped) - 3} more" if len(self.skipped) > 3 else ""
             log.warning("skipped %d unreadable image(s) under %s: %s%s", len(self.skipped), folder, shown, more)
+
+
+def keep_decodable(paths: list[Path], where: Path) -> ScanReport:
+    """Decode each image once; the ones that cannot be decoded are skipped, warned about and counted.
+
+    For the images where a replacement would give a wrong answer (test, predict): a file that
+    fails mid-prediction would stop the job, so they are checked up front and left out.
+    """
+    report = ScanReport()
+    for path in paths:
+        try:
+            load_rgb(path)
+            report.paths.append(path)
+        except UserInputError:
+            report.skipped.append(path)
+    report.warn_skipped(where)
+    return report
 
 
 def scan_images(folder: Path, recursive: bool = False) -> ScanReport:

@@ -19,7 +19,11 @@ from detect_waste_cls.errors import UserInputError
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("exponential", "cosine", "none")
-PSEUDO_MODES = ("none", "per_batch", "per_epoch")
+# teacher: a fixed teacher labels the pseudolabel split once and a fresh student learns from it (Noisy Student).
+PSEUDO_MODES = ("none", "per_batch", "per_epoch", "teacher")
+PSEUDO_VIEWS = ("weak", "strong")  # what the pseudo-label loss sees: the train preset, or RandAugment + cutout
+PSEUDO_THRESHOLD_MODES = ("fixed", "flex")
+PSEUDO_TARGETS = ("hard", "soft")
 # lp-ft: train the head on frozen features, then everything with a smaller backbone learning rate.
 FINETUNE_RECIPES = ("lp-ft", "linear", "full")
 LOGGER_NAMES = ("csv", "tensorboard", "wandb", "mlflow")
@@ -101,6 +105,10 @@ class OptimConfig(_Section):
         None, "--freeze-bn",
         help="keep the backbone's batch-norm statistics as loaded while it trains: a few labeled images give noisy "
              "batch statistics (default: yes for lp-ft and linear, no for full)")
+    ema_decay: float | None = option(
+        None, "--ema-decay",
+        help="keep an exponential moving average of the weights (e.g. 0.99): it labels pseudolabel images, and it is "
+             "what is validated, checkpointed, tested and exported (default: off)")
 
     def resolved(self, *, starts_from_weights: bool) -> "OptimConfig":
         """Defaults that depend on the start: fine-tuning gets lp-ft, from scratch trains everything."""
@@ -120,17 +128,43 @@ class OptimConfig(_Section):
 @dataclass(frozen=True)
 class PseudoConfig(_Section):
     mode: str = option("none", "--pseudo", "--pseudolabel_mode", choices=PSEUDO_MODES,
-                       help="relabel the pseudolabel split every epoch or every batch")
-    start: int | None = option(None, "--pseudo-start", help="first epoch that uses pseudo-labels (default: half of --epochs)")
+                       help="per_epoch / per_batch: the model in training relabels the pseudolabel split every epoch "
+                            "/ each step's images (per_batch with the strong view is FixMatch); teacher: a trained "
+                            "teacher labels it once and a fresh student learns from those labels, for --pseudo-rounds")
+    start: int | None = option(None, "--pseudo-start",
+                               help="first epoch that uses pseudo-labels (default: half of --epochs; 0 with a teacher)")
     threshold: float = option(0.9, "--pseudo-threshold",
                               help="only pseudo-labels at least this confident enter the loss; 0 uses all")
     weight: float = option(1.0, "--pseudo-weight", help="weight of the pseudo-label loss term")
     rampup: float = option(5.0, "--pseudo-rampup", help="epochs over which that weight rises linearly from 0")
     ratio: float = option(1.0, "--pseudo-ratio", help="pseudolabel images per labeled image in a step")
+    view: str = option("strong", "--pseudo-view", choices=PSEUDO_VIEWS,
+                       help="what the pseudo-label loss sees: the weak train preset, or a strong view (RandAugment "
+                            "+ cutout); labels always come from the eval view")
+    threshold_mode: str = option(
+        "fixed", "--pseudo-threshold-mode", choices=PSEUDO_THRESHOLD_MODES,
+        help="fixed: --pseudo-threshold for every class; flex: FlexMatch's per-class thresholds, lower for classes "
+             "that few pseudo-labels pass yet")
+    targets: str = option("hard", "--pseudo-targets", choices=PSEUDO_TARGETS,
+                          help="hard: the predicted class; soft: the predicted distribution, sharpened by --pseudo-temperature")
+    temperature: float = option(1.0, "--pseudo-temperature",
+                                help="soft targets are p^(1/T), renormalized: below 1 sharpens, 1 keeps p as it is")
+    teacher: str | None = option(None, "--pseudo-teacher",
+                                 help="teacher mode: the checkpoint that labels the pseudolabel split (default: a "
+                                      "supervised model trained first, as round 0 in the same run folder)")
+    rounds: int = option(1, "--pseudo-rounds", help="teacher mode: student rounds, each round's best student "
+                                                    "teaching the next")
 
     def resolved(self, *, epochs: int) -> "PseudoConfig":
-        # The teacher should have trained for a while first; see the README's pseudo-labeling study.
-        return self if self.start is not None else dataclasses.replace(self, start=epochs // 2)
+        mode = "teacher" if self.teacher is not None and self.mode == "none" else self.mode
+        if self.teacher is not None and mode != "teacher":
+            raise UserInputError(f"--pseudo-teacher labels once, in teacher mode; it cannot be combined with --pseudo {mode}")
+        if self.rounds < 1:
+            raise UserInputError(f"--pseudo-rounds {self.rounds}: at least one student round")
+        # A refreshing teacher should have trained for a while first (see the README's pseudo-labeling
+        # study); a fixed teacher's labels are ready from the first step.
+        start = self.start if self.start is not None else (0 if mode == "teacher" else epochs // 2)
+        return dataclasses.replace(self, mode=mode, start=start)
 
 
 @dataclass(frozen=True)

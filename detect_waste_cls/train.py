@@ -8,14 +8,17 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 import lightning
 import lightning.pytorch as pl
+import pandas as pd
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
 
 from detect_waste_cls.config import RECORD_KEY, RunConfig, TrainConfig, default_num_workers
 from detect_waste_cls.data.datamodule import WasteDataModule
@@ -23,18 +26,20 @@ from detect_waste_cls.errors import UserInputError
 from detect_waste_cls.evaluate import evaluate_folder, format_report
 from detect_waste_cls.models.backbones import get_backbone, load_torch_file
 from detect_waste_cls.models.classifier import LitterClassifier, resolve_model
+from detect_waste_cls.models.ema import EMATeacher
 from detect_waste_cls.plots import plot_training_curves
 from detect_waste_cls.pseudo.callbacks import PseudoLabelRefresh
 from detect_waste_cls.tracking import NeptuneLogger, build_loggers, log_evaluation
 
 log = logging.getLogger(__name__)
 
+LAST_CHECKPOINT = "last"  # checkpoints/last.ckpt: the end of the latest epoch, for --resume
 SKIPPED_FILES = "skipped_files.txt"  # every unreadable file of the run: at scan, in training, at evaluation
 SAMPLE_DATA = Path(__file__).resolve().parents[1] / "data" / "sample"
 # The sample's images are 160 px on their longer side: upscaling them to a native 224+ px adds only compute.
 SAMPLE_IMAGE_SIZE = 160
 
-# DDP re-launches this program once per extra rank; they find the run folder rank 0 chose here.
+# Set while a run trains: DDP's extra ranks read their run folder from it (see shared_run_dir).
 RUN_DIR_ENV = "DETECT_WASTE_CLS_RUN_DIR"
 
 
@@ -138,15 +143,36 @@ class RunResult:
     run_dir: Path | None = None
     best_checkpoint: Path | None = None
     test_metrics: dict | None = None  # metrics.json, when there is a test split
+    rounds: tuple["RunResult", ...] = ()  # teacher mode: each round's own result, round 0 first
 
 
 def train(config: TrainConfig = TrainConfig(), *, callbacks: Sequence[pl.Callback] = ()) -> RunResult:
-    """Train, then score the best checkpoint on the test split.
+    """Train, then score the best checkpoint on the test split; in teacher mode, once per round.
 
     Works from a script or a notebook on CPU or one GPU; DDP on several devices re-launches the
     program, so start those runs from the command line (see the README).
     """
     config = resolve_config(config)
+    if config.pseudo.mode == "teacher":
+        return train_rounds(config, callbacks)
+    return fit_and_test(config, callbacks)
+
+
+@contextmanager
+def shared_run_dir(run_dir: Path):
+    """DDP re-launches this program once per extra rank, at the first fit; they find the run folder rank 0 chose here."""
+    if os.environ.get(RUN_DIR_ENV):  # an extra rank, or a round inside a run that set it
+        yield
+        return
+    os.environ[RUN_DIR_ENV] = str(run_dir)
+    try:
+        yield
+    finally:
+        os.environ.pop(RUN_DIR_ENV, None)
+
+
+def fit_and_test(config: TrainConfig, callbacks: Sequence[pl.Callback] = (), run_dir: Path | None = None) -> RunResult:
+    """One run of a resolved config: in a new run folder, or in `run_dir` (a round of a teacher-mode run)."""
     devices = device_settings(config.run)
     pl.seed_everything(config.run.seed, workers=True, verbose=False)
     model_entry = get_backbone(config.model.name)
@@ -155,14 +181,18 @@ def train(config: TrainConfig = TrainConfig(), *, callbacks: Sequence[pl.Callbac
     log.info("data: %s", datamodule.layout.describe())
     if config.run.resume:
         check_checkpoint_classes(config.run.resume, datamodule.classes)
-    run_dir = create_run_dir(config.run.out, config.model.name)
+    if run_dir is None:
+        run_dir = create_run_dir(config.run.out, config.model.name)
+    run_dir.mkdir(parents=True, exist_ok=True)
     datamodule.skipped_log = None if config.data.strict else run_dir / SKIPPED_FILES
     model = LitterClassifier(classes=datamodule.classes, image_size=config.data.image_size,
                              model=config.model, optim=config.optim, pseudo=config.pseudo)
-    checkpoints = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints", filename="best-{epoch:02d}", monitor="val/loss", mode="min", save_last=True
-    )
-    all_callbacks = [checkpoints, EpochSummary(), StopOnNonFiniteLoss(), *callbacks]
+    checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best-{epoch:02d}", monitor="val/loss")
+    # Lightning's save_last only rewrites last.ckpt when a new best is saved; --resume needs the latest epoch.
+    latest = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename=LAST_CHECKPOINT, enable_version_counter=False)
+    all_callbacks = [checkpoints, latest, EpochSummary(), StopOnNonFiniteLoss(), *callbacks]
+    if config.optim.ema_decay is not None:
+        all_callbacks.append(EMATeacher(config.optim.ema_decay))
     if config.pseudo.mode != "none":
         all_callbacks.append(PseudoLabelRefresh(model.pseudo, output_csv=run_dir / "pseudo_labels.csv"))
     loggers = build_loggers(
@@ -188,21 +218,65 @@ def train(config: TrainConfig = TrainConfig(), *, callbacks: Sequence[pl.Callbac
     )
     if trainer.is_global_zero:
         write_config(run_dir / "config.json", config, classes=datamodule.classes)
-    os.environ[RUN_DIR_ENV] = str(run_dir)
-    try:
+    with shared_run_dir(run_dir):
         trainer.fit(model, datamodule=datamodule, ckpt_path=config.run.resume)
-    finally:
-        os.environ.pop(RUN_DIR_ENV, None)
+    # Every rank tracks the same best checkpoint (validation metrics are synced), so every rank knows the next teacher.
+    best = Path(checkpoints.best_model_path or latest.best_model_path)
     if not trainer.is_global_zero:
-        return RunResult(config)
-    best = Path(checkpoints.best_model_path or checkpoints.last_model_path)
+        return RunResult(config, run_dir, best)
     metrics = report_run(trainer, datamodule, loggers, best, run_dir)
     return RunResult(config, run_dir, best, metrics)
 
 
-def write_config(path: Path, config: TrainConfig, *, classes: Sequence[str]) -> None:
+ROUNDS_TABLE = "rounds.csv"
+
+
+def train_rounds(config: TrainConfig, callbacks: Sequence[pl.Callback] = ()) -> RunResult:
+    """Teacher mode (Noisy Student): each round a fresh student learns from the previous round's best model.
+
+    The first teacher is --pseudo-teacher, or a supervised run of the same config trained here as
+    round 0. Rounds live in <run>/round-<k>/, each a complete run folder with its own config.json;
+    <run>/rounds.csv gets one line per round as it finishes.
+    """
+    pseudo = config.pseudo
+    if config.run.resume and (pseudo.teacher is None or pseudo.rounds > 1):
+        raise UserInputError("--resume continues a single run: resume a student round with --pseudo-teacher "
+                             "<its teacher> --pseudo-rounds 1 --resume <its last.ckpt>")
+    top = create_run_dir(config.run.out, config.model.name)
+    rounds: list[RunResult] = []
+    first_process = rank_zero_only.rank == 0  # no Trainer yet to ask; DDP's extra ranks have RANK set
+    if first_process:
+        write_config(top / "config.json", config)  # replays every round; each round's own config is in its folder
+    with shared_run_dir(top):
+        teacher = pseudo.teacher
+        if teacher is None:
+            rounds.append(fit_and_test(config.replace(pseudo={"mode": "none"}), callbacks, top / "round-0"))
+            teacher = str(rounds[-1].best_checkpoint)
+        for number in range(1, pseudo.rounds + 1):
+            if first_process:
+                _write_rounds_table(top / ROUNDS_TABLE, rounds)
+            student = config.replace(pseudo={"teacher": teacher, "rounds": 1})
+            rounds.append(fit_and_test(student, callbacks, top / f"round-{number}"))
+            teacher = str(rounds[-1].best_checkpoint)
+    if first_process:
+        _write_rounds_table(top / ROUNDS_TABLE, rounds)
+    last = rounds[-1]
+    return RunResult(config, top, last.best_checkpoint, last.test_metrics, rounds=tuple(rounds))
+
+
+def _write_rounds_table(path: Path, rounds: Sequence[RunResult]) -> None:
+    lines = [
+        {"round": result.run_dir.name, "teacher": result.config.pseudo.teacher or "",
+         **{name: (result.test_metrics or {}).get(name) for name in ("accuracy", "balanced_accuracy", "macro_f1")},
+         "checkpoint": str(result.best_checkpoint)}
+        for result in rounds
+    ]
+    pd.DataFrame(lines).to_csv(path, index=False)
+
+
+def write_config(path: Path, config: TrainConfig, *, classes: Sequence[str] | None = None) -> None:
     """The resolved config, plus facts for people under RECORD_KEY (ignored when the file is read back)."""
-    record = {"classes": list(classes), "versions": {"torch": torch.__version__, "lightning": lightning.__version__},
+    record = {**({"classes": list(classes)} if classes is not None else {}), "versions": {"torch": torch.__version__, "lightning": lightning.__version__},
               "written": datetime.now().isoformat(timespec="seconds")}
     path.write_text(json.dumps({**config.to_dict(), RECORD_KEY: record}, indent=2))
 

@@ -95,12 +95,20 @@ def finished_runs(results: Path) -> list[Path]:
     return runs
 
 
-def summarize_run(run: Path) -> dict:
+def summarize_run(run: Path) -> list[dict]:
+    """One table row per run, or per round of a teacher-mode run (named <row>/round-<k>)."""
+    done = json.loads((run / DONE_MARKER).read_text())
+    rounds = sorted(run.glob("round-*/metrics.json"), key=lambda path: int(path.parent.name.split("-")[1]))
+    if not rounds:
+        return [summarize_folder(run, done["row"], done)]
+    return [summarize_folder(path.parent, f"{done['row']}/{path.parent.name}", done) for path in rounds]
+
+
+def summarize_folder(run: Path, row: str, done: dict) -> dict:
     config = TrainConfig.from_dict(read_config_file(run / "config.json"), str(run / "config.json"))
     metrics = json.loads((run / "metrics.json").read_text())
-    done = json.loads((run / DONE_MARKER).read_text())
     return {
-        "row": done["row"],
+        "row": row,
         "model": config.model.name,
         "start": "ImageNet" if config.model.pretrained else "scratch",
         "fine-tuning": config.optim.finetune,
@@ -115,7 +123,7 @@ def summarize_run(run: Path) -> dict:
         "epochs": config.optim.epochs,
         "image size": config.data.image_size,
         "seed": config.run.seed,
-        "wall time (s)": done["wall_time_s"],
+        "wall time (s)": done["wall_time_s"],  # of the whole run: every round of a teacher-mode run
     }
 
 
@@ -191,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
                 wall = run_row(command, out, results / "logs" / f"{out.name}.log", name, seed)
                 print(f"{out.name}: {wall:.0f} s", flush=True)
     # The table covers every finished run here, not only this invocation's rows.
-    table = write_tables(results, [summarize_run(run) for run in finished_runs(results)], profile.get("baseline"))
+    summaries = [summary for run in finished_runs(results) for summary in summarize_run(run)]
+    table = write_tables(results, summaries, profile.get("baseline"))
     print(table.to_string(index=False))
     print(f"\nwrote {results / 'table.md'} and {results / 'table.csv'}")
     return 0

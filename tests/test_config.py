@@ -100,3 +100,15 @@ def test_configs_are_frozen_and_checked_when_built():
     with pytest.raises(UserInputError, match="--optimizer 'lion'"):
         OptimConfig(optimizer="lion")
     assert config.replace(pseudo={"start": 3}).pseudo.start == 3 and config.pseudo.start is None
+
+
+def test_teacher_settings_resolve_to_teacher_mode_and_conflicts_are_one_line_errors():
+    assert PseudoConfig(teacher="t.ckpt").resolved(epochs=10).mode == "teacher"
+    assert PseudoConfig(mode="teacher").resolved(epochs=10).start == 0  # a fixed teacher's labels are ready at once
+    assert PseudoConfig(mode="per_batch").resolved(epochs=10).start == 5
+    with pytest.raises(UserInputError, match="cannot be combined with --pseudo per_batch"):
+        PseudoConfig(mode="per_batch", teacher="t.ckpt").resolved(epochs=10)
+    with pytest.raises(UserInputError, match="--pseudo-rounds 0"):
+        PseudoConfig(mode="teacher", rounds=0).resolved(epochs=10)
+    with pytest.raises(UserInputError, match="--pseudo-view 'blurry'"):
+        PseudoConfig(view="blurry")

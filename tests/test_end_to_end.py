@@ -188,3 +188,11 @@ def test_resume_from_an_unreadable_checkpoint_is_a_one_line_error(tiny_tree, tmp
     broken.write_bytes(b"not a checkpoint")
     assert main(train_args(tiny_tree, tmp_path / "r", "--resume", str(broken))) == 2
     assert f"cannot read checkpoint {broken}" in capsys.readouterr().err
+
+
+def test_last_checkpoint_is_the_latest_epoch_whichever_epoch_was_best(trained_run):
+    """--resume last.ckpt must continue from the end of training, not from the best epoch."""
+    _, out = trained_run
+    last = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    steps = pd.read_csv(out / "metrics.csv")["step"].max()
+    assert last["epoch"] == 1 and last["global_step"] == steps  # 2 epochs of 2 steps

@@ -108,3 +108,28 @@ def test_rows_are_compared_with_the_baseline_trained_on_the_same_seed():
     assert difference["Δ balanced ACC"] == "+0.0000 ± 0.0000"
     assert difference["Δ macro-F1"] == "+0.1000 ± 0.0000"
     assert difference["ACC better on"] == "1 of 2 seeds"
+
+
+def test_every_semi_study_row_is_a_valid_config_in_every_profile():
+    profiles = json.loads((REPO_ROOT / "experiments/configs/semi_study/profiles.json").read_text())
+    rows = reproduce.load_rows("semi_study", None)
+    for name, profile in profiles.items():
+        configs = reproduce.row_configs(rows, profile, name)
+        assert configs["supervised"]["pseudo"]["mode"] == "none" and profile["baseline"] == "supervised"
+
+
+def test_a_teacher_row_gets_one_table_row_per_round(tmp_path, monkeypatch):
+    table = tmp_path / "configs" / "t"
+    table.mkdir(parents=True)
+    tiny = {"model": {"name": "simple-cnn"}, "data": {"image_size": 32, "batch_size": 4, "num_workers": 0},
+            "optim": {"epochs": 1}, "run": {"accelerator": "cpu"}}
+    (table / "profiles.json").write_text(json.dumps({"p": {"seeds": [0], "baseline": "supervised", "config": tiny}}))
+    (table / "supervised.json").write_text(json.dumps({"pseudo": {"mode": "none"}}))
+    (table / "teacher.json").write_text(json.dumps({"pseudo": {"mode": "teacher", "rounds": 1}}))
+    monkeypatch.setattr(reproduce, "CONFIGS", tmp_path / "configs")
+    data = make_tree(tmp_path / "data", {"train": {n: 4 for n in COLOURS}, "test": {n: 2 for n in COLOURS}}, pseudo=6)
+    assert reproduce.main(["--data", str(data), "--table", "t", "--profile", "p", "--results", str(tmp_path / "r")]) == 0
+    results = pd.read_csv(tmp_path / "r" / "table.csv")
+    assert results.row.tolist() == ["supervised", "teacher/round-0", "teacher/round-1"]
+    assert results.pseudolabeling.tolist() == ["none", "none", "teacher"]
+    assert "teacher/round-1" in (tmp_path / "r" / "table.md").read_text().split("paired by seed")[1]

@@ -1,6 +1,7 @@
 """Pseudo-labeling: loss arithmetic, the store, folder labels kept out of the loss, DDP and resume."""
 
 import json
+import math
 import shutil
 import subprocess
 
@@ -10,8 +11,9 @@ import torch
 
 from conftest import COLOURS, PYTHON, REPO_ROOT, make_tree, train_args
 from detect_waste_cls.cli import main
+from detect_waste_cls.config import ModelConfig
 from detect_waste_cls.errors import UserInputError
-from detect_waste_cls.pseudo.loss import linear_rampup, masked_pseudo_label_loss
+from detect_waste_cls.pseudo.loss import confident_mask, flex_thresholds, linear_rampup, masked_pseudo_label_loss, sharpen
 from detect_waste_cls.pseudo.store import PseudoLabelStore
 
 
@@ -26,47 +28,77 @@ def test_linear_rampup():
 def test_mask_keeps_only_labelled_confident_images_and_averages_over_the_batch():
     logits = torch.randn(4, 3, requires_grad=True)
     labels = torch.tensor([0, 2, -1, 1])
-    confidence = torch.tensor([0.95, 0.5, 0.99, 0.9])
-    loss, mask = masked_pseudo_label_loss(logits, labels, confidence, threshold=0.9)
+    mask = confident_mask(labels, torch.tensor([0.95, 0.5, 0.99, 0.9]), 0.9)
     assert mask.tolist() == [True, False, False, True]
+    loss = masked_pseudo_label_loss(logits, labels.clamp(min=0), mask)
     expected = (torch.nn.functional.cross_entropy(logits[[0, 3]], labels[[0, 3]], reduction="sum")) / 4
     assert loss.item() == pytest.approx(expected.item())
 
 
 def test_fully_masked_term_is_an_exact_zero_that_still_reaches_every_logit():
     logits = torch.randn(3, 4, requires_grad=True)
-    loss, mask = masked_pseudo_label_loss(logits, torch.tensor([-1, 1, 2]), torch.tensor([1.0, 0.1, 0.2]), 0.5)
+    mask = confident_mask(torch.tensor([-1, 1, 2]), torch.tensor([1.0, 0.1, 0.2]), 0.5)
+    loss = masked_pseudo_label_loss(logits, torch.tensor([0, 1, 2]), mask)
     assert not mask.any() and loss.item() == 0.0
     loss.backward()
     assert logits.grad is not None and torch.count_nonzero(logits.grad) == 0
 
 
 def test_threshold_zero_uses_every_set_label_as_the_original_did():
-    _, mask = masked_pseudo_label_loss(torch.randn(3, 2), torch.tensor([0, 1, -1]), torch.tensor([0.0, 0.3, 0.9]), 0.0)
+    mask = confident_mask(torch.tensor([0, 1, -1]), torch.tensor([0.0, 0.3, 0.9]), 0.0)
     assert mask.tolist() == [True, True, False]
 
 
+def test_soft_targets_are_sharpened_and_their_loss_matches_a_hand_computation():
+    probabilities = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.2, 0.6]])
+    targets = sharpen(probabilities, temperature=0.5)  # p^2, renormalized
+    assert targets[0].tolist() == pytest.approx([0.36 / 0.46, 0.09 / 0.46, 0.01 / 0.46])
+    assert torch.equal(sharpen(probabilities, 1.0), probabilities / probabilities.sum(1, keepdim=True))
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    loss = masked_pseudo_label_loss(logits, targets, torch.tensor([True, False]))
+    log_softmax = [2 - math.log(math.exp(2) + 2), -math.log(math.exp(2) + 2), -math.log(math.exp(2) + 2)]
+    expected = -sum(t * l for t, l in zip(targets[0].tolist(), log_softmax)) / 2  # the masked image counts in the mean
+    assert loss.item() == pytest.approx(expected)
+
+
+def test_flex_thresholds_follow_flexmatch_on_a_hand_made_case():
+    # 10 images, 3 classes, base threshold 0.9. Passing (>= 0.9): class 0 holds 4, class 1 holds 1, class 2 none;
+    # not passing or unlabeled: 5. Learning effect = count / max(4, 5) -> 0.8, 0.2, 0.
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2, -1, -1])
+    confidence = torch.tensor([0.99, 0.95, 0.9, 0.91, 0.97, 0.5, 0.6, 0.7, 0.0, 0.0])
+    thresholds = flex_thresholds(labels, confidence, 0.9, 3)
+    # M(x) = x / (2 - x): 0.9 * 0.8 / 1.2 = 0.6, 0.9 * 0.2 / 1.8 = 0.1, 0.
+    assert thresholds.tolist() == pytest.approx([0.6, 0.1, 0.0])
+    # Once every image passes, the largest class gets the full threshold.
+    everyone = flex_thresholds(torch.tensor([0, 0, 1]), torch.tensor([0.95, 0.95, 0.95]), 0.9, 2)
+    assert everyone.tolist() == pytest.approx([0.9, 0.9 * 0.5 / 1.5])
+    # Per-class thresholds decide the mask: class 1 at 0.5 passes its 0.1 bar, class 2 always passes.
+    assert confident_mask(labels, confidence, thresholds).tolist() == [True] * 8 + [False, False]
+
+
 def test_store_round_trips_through_a_safe_checkpoint_file(tmp_path):
-    store = PseudoLabelStore(5)
-    changed = store.update(torch.tensor([1, 3]), torch.tensor([2, 0]), torch.tensor([0.8, 0.6]), epoch=4)
-    assert changed == 2 and store.update(torch.tensor([1]), torch.tensor([2]), torch.tensor([0.9]), epoch=5) == 0
+    store = PseudoLabelStore(5, num_classes=3)
+    changed = store.update(torch.tensor([1, 3]), torch.tensor([[0.1, 0.1, 0.8], [0.6, 0.3, 0.1]]), epoch=4)
+    assert changed == 2 and store.update(torch.tensor([1]), torch.tensor([[0.05, 0.05, 0.9]]), epoch=5) == 0
     torch.save({"store": store.state_dict()}, tmp_path / "c.ckpt")
-    restored = PseudoLabelStore(5)
+    restored = PseudoLabelStore(5, num_classes=3)
     restored.load_state_dict(torch.load(tmp_path / "c.ckpt", weights_only=True)["store"])
     assert restored.labels.tolist() == [-1, 2, -1, 0, -1]
     assert restored.confidence.tolist() == pytest.approx([0, 0.9, 0, 0.6, 0])
     assert restored.epoch.tolist() == [-1, 5, -1, 4, -1]
     with pytest.raises(UserInputError, match="same data"):
-        PseudoLabelStore(6).load_state_dict(store.state_dict())
+        PseudoLabelStore(6, num_classes=3).load_state_dict(store.state_dict())
 
 
 def test_store_accuracy_counts_only_images_with_both_labels():
-    store = PseudoLabelStore(4)
-    store.update(torch.tensor([0, 1, 2]), torch.tensor([1, 1, 0]), torch.tensor([0.6, 0.95, 0.99]), epoch=0)
+    store = PseudoLabelStore(4, num_classes=3)
+    store.update(torch.tensor([0, 1, 2]), torch.tensor([[0.4, 0.6, 0], [0.05, 0.95, 0], [0.99, 0.01, 0]]), epoch=0)
     assert store.accuracy(torch.tensor([1, 0, -1, 2])) == pytest.approx(0.5)
-    assert store.accuracy(torch.tensor([1, 0, -1, 2]), threshold=0.9) == 0.0  # only image 1 is confident and known
-    assert store.accuracy(torch.tensor([1, 1, -1, 2]), threshold=0.9) == 1.0
+    assert store.accuracy(torch.tensor([1, 0, -1, 2]), 0.9) == 0.0  # only image 1 is confident and known
+    assert store.accuracy(torch.tensor([1, 1, -1, 2]), 0.9) == 1.0
+    assert store.accuracy(torch.tensor([1, 1, -1, 2]), 0.0, label=1) == 1.0  # images 0 and 1 hold label 1
     assert store.confident(0.9).tolist() == [False, True, True, False]
+    assert store.class_counts(3, 0.9) == [1, 1, 0]
     assert store.accuracy(torch.tensor([-1, -1, -1, -1])) is None
 
 
@@ -96,20 +128,30 @@ def test_folder_labels_never_reach_the_loss(tmp_path, mode):
     assert labels[0].label.tolist() == labels[1].label.tolist() and labels[0].label.ne("").all()
 
 
-def test_ddp_ranks_hold_identical_stores_and_resume_restores_them(tmp_path):
+DDP_SETUPS = {
+    "per_epoch": ("--pseudo", "per_epoch"),
+    # FixMatch with the extras: strong view, EMA teacher, flex thresholds, soft targets.
+    "per_batch-strong-ema": ("--pseudo", "per_batch", "--pseudo-view", "strong", "--ema-decay", "0.5",
+                             "--pseudo-threshold-mode", "flex", "--pseudo-targets", "soft"),
+}
+
+
+@pytest.mark.parametrize("setup", DDP_SETUPS)
+def test_ddp_ranks_hold_identical_stores_and_resume_restores_them(tmp_path, setup):
     data = make_tree(tmp_path / "data", {"train": {n: 8 for n in COLOURS}, "test": {n: 2 for n in COLOURS}}, pseudo=15)
     probe = [PYTHON, str(REPO_ROOT / "tests" / "ddp_probe.py")]
-    ddp = ["--devices", "2", "--pseudo", "per_epoch", *PSEUDO_ARGS]
+    ddp = ["--devices", "2", *DDP_SETUPS[setup], *PSEUDO_ARGS]
     first, dumps = tmp_path / "first", tmp_path / "dumps1"
     subprocess.run([*probe, str(dumps), *train_args(data, first, *ddp)], check=True, cwd=REPO_ROOT, timeout=300)
     rank0, rank1 = (torch.load(dumps / f"end_rank{r}.pt", weights_only=True) for r in (0, 1))
-    for key in ("labels", "confidence", "epoch"):
+    for key in ("probabilities", "epoch"):
         assert torch.equal(rank0[key], rank1[key]), key
-    assert (rank0["labels"] >= 0).all() and (rank0["epoch"] == 1).all()
+    labeled = rank0["epoch"] >= 0
+    assert labeled.all() if setup == "per_epoch" else labeled.sum() >= 8  # per_batch: the images its steps drew
     assert len(pd.read_csv(first / "pseudo_labels.csv")) == 15
 
     checkpoint = torch.load(first / "checkpoints" / "last.ckpt", weights_only=True)
-    saved = checkpoint["callbacks"]["PseudoLabelRefresh[per_epoch]"]["store"]
+    saved = checkpoint["callbacks"][f"PseudoLabelRefresh[{DDP_SETUPS[setup][1]}]"]["store"]
     dumps2 = tmp_path / "dumps2"
     resume = [*ddp, "--resume", str(first / "checkpoints" / "last.ckpt")]
     args = train_args(data, tmp_path / "second", *resume)
@@ -117,7 +159,7 @@ def test_ddp_ranks_hold_identical_stores_and_resume_restores_them(tmp_path):
     subprocess.run([*probe, str(dumps2), *args], check=True, cwd=REPO_ROOT, timeout=300)
     for rank in (0, 1):
         restored = torch.load(dumps2 / f"start_rank{rank}.pt", weights_only=True)
-        for key in ("labels", "confidence", "epoch"):
+        for key in ("probabilities", "epoch"):
             assert torch.equal(restored[key], saved[key]), (rank, key)
     resumed_log = pd.read_csv(tmp_path / "second" / "metrics.csv")
     assert resumed_log["epoch"].dropna().astype(int).unique().tolist() == [2]
@@ -171,3 +213,40 @@ def test_the_refresh_callback_names_what_it_needs_from_the_datamodule():
         refresh.setup(trainer, None, "fit")
     with pytest.raises(ValueError, match="resolved"):
         PseudoLabelRefresh(PseudoConfig(mode="per_epoch"))  # start still unset: train() resolves it
+
+
+def test_pseudo_targets_come_from_the_eval_view_while_the_loss_sees_the_strong_view(tiny_tree):
+    import lightning.pytorch as pl
+
+    from detect_waste_cls.config import DataConfig, PseudoConfig
+    from detect_waste_cls.data import batch as keys
+    from detect_waste_cls.data.datamodule import WasteDataModule
+    from detect_waste_cls.data.transforms import StrongPreset
+    from detect_waste_cls.models.classifier import LitterClassifier
+    from detect_waste_cls.pseudo.callbacks import PseudoLabelRefresh
+
+    pseudo = PseudoConfig(mode="per_batch", view="strong", start=0, rampup=0, threshold=0).resolved(epochs=1)
+    data = WasteDataModule(DataConfig(root=str(tiny_tree), image_size=32, batch_size=4, num_workers=0),
+                           normalization=((0.5,) * 3, (0.5,) * 3), pseudo=pseudo)
+    assert isinstance(data.pseudo_train_view, StrongPreset)
+    model = LitterClassifier(classes=data.classes, image_size=32, model=ModelConfig(name="simple-cnn"), pseudo=pseudo)
+    seen = {}
+
+    class Spy(pl.Callback):  # runs after the refresh callback has set this step's targets
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            part = batch[keys.PSEUDO]
+            with torch.no_grad():
+                pl_module.eval()
+                seen["eval_view_labels"] = pl_module(part[keys.EVAL_IMAGE]).argmax(1)
+                pl_module.train()
+            seen["targets"], seen["strong"], seen["eval"] = part[keys.PSEUDO_TARGET], part[keys.IMAGE], part[keys.EVAL_IMAGE]
+            forward = pl_module.forward
+            pl_module.forward = lambda images: (seen.setdefault("trained_on", images), forward(images))[1]
+
+    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, limit_val_batches=0, callbacks=[PseudoLabelRefresh(pseudo), Spy()])
+    trainer.fit(model, datamodule=data)
+    assert torch.equal(seen["targets"], seen["eval_view_labels"])  # labels: the eval view
+    trained_pseudo = seen["trained_on"][-len(seen["strong"]):]
+    assert torch.equal(trained_pseudo, seen["strong"])  # loss: the strong view
+    assert not torch.equal(seen["strong"], seen["eval"])

@@ -19,9 +19,9 @@ from detect_waste_cls.data.images import (
     scan_images,
     scan_labeled_folder,
 )
-from detect_waste_cls.data.datasets import ImageDataset, seed_worker_augmentations
+from detect_waste_cls.data.datasets import ImageDataset, Transform, seed_worker_augmentations
 from detect_waste_cls.data.samplers import EpochDrawSampler, inverse_frequency_weights
-from detect_waste_cls.data.transforms import EvalPreset, TrainPreset
+from detect_waste_cls.data.transforms import EvalPreset, StrongPreset, TrainPreset
 from detect_waste_cls.config import DataConfig, PseudoConfig, RunConfig, default_num_workers
 from detect_waste_cls.data import batch as keys
 from detect_waste_cls.errors import UserInputError
@@ -148,7 +148,8 @@ class WasteDataModule(pl.LightningDataModule):
         # The pseudolabel split gets its own augmentation stream and loader RNG, so that it takes
         # no randomness from the labeled side: with one --seed, a pseudo-labeling run trains exactly
         # like --pseudo none until --pseudo-start, and the two can be compared seed by seed.
-        self.pseudo_train_view = TrainPreset(size=self.image_size, normalization=normalization, seed=self.pseudo_seed)
+        pseudo_preset = StrongPreset if pseudo.view == "strong" else TrainPreset
+        self.pseudo_train_view = pseudo_preset(size=self.image_size, normalization=normalization, seed=self.pseudo_seed)
         # Where datasets list the files they cannot decode and replace; train() sets <run>/skipped_files.txt
         # unless --strict. None: such a file is an error naming it.
         self.skipped_log: Path | None = None
@@ -187,9 +188,9 @@ class WasteDataModule(pl.LightningDataModule):
         view = self.train_view if train else self.eval_view
         return ImageDataset(images.paths, {keys.IMAGE: view}, images.targets, skipped_log=self.skipped_log)
 
-    def pseudo_dataset(self, *, train: bool) -> ImageDataset:
-        """Training view (plus the eval view that per_batch labels from), or the eval view alone."""
-        views = {keys.IMAGE: self.eval_view}
+    def pseudo_dataset(self, *, train: bool, view: Transform | None = None) -> ImageDataset:
+        """Training view (plus the eval view that per_batch labels from), or an eval view alone (default: ours)."""
+        views = {keys.IMAGE: view or self.eval_view}
         if train:
             views = {keys.IMAGE: self.pseudo_train_view}
             if self.pseudo_mode == "per_batch":
@@ -234,8 +235,11 @@ class WasteDataModule(pl.LightningDataModule):
             raise UserInputError(f"no test split at {self.layout.root / 'test'}")
         return self._loader(self.labeled_dataset(self.layout.test, train=False), batch_size=self.eval_batch_size)
 
-    def pseudo_inference_dataloader(self, rank: int = 0, world_size: int = 1) -> DataLoader:
-        """Eval-view loader over this rank's shard (every world_size-th image) of the pseudolabel split."""
-        dataset = self.pseudo_dataset(train=False)
+    def pseudo_inference_dataloader(self, rank: int = 0, world_size: int = 1, view: Transform | None = None) -> DataLoader:
+        """Eval-view loader over this rank's shard (every world_size-th image) of the pseudolabel split.
+
+        `view`: another model's eval transform (a teacher trained at another size), instead of ours.
+        """
+        dataset = self.pseudo_dataset(train=False, view=view)
         shard = Subset(dataset, range(rank, len(dataset), world_size))
         return self._pseudo_loader(shard, batch_size=self.eval_batch_size)

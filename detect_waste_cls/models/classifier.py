@@ -135,9 +135,8 @@ class LitterClassifier(pl.LightningModule):
         labeled_logits = logits[: len(labeled[keys.IMAGE])]
         loss = F.cross_entropy(labeled_logits, labeled[keys.TARGET])
         if ramp > 0:
-            pseudo_loss, mask = masked_pseudo_label_loss(
-                logits[len(labeled[keys.IMAGE]) :], pseudo[keys.LABEL], pseudo[keys.CONFIDENCE], self.pseudo.threshold
-            )
+            mask = pseudo[keys.MASK]
+            pseudo_loss = masked_pseudo_label_loss(logits[len(labeled[keys.IMAGE]) :], pseudo[keys.PSEUDO_TARGET], mask)
             loss = loss + self.pseudo.weight * ramp * pseudo_loss
             self.log_dict(
                 {"pseudo/loss": pseudo_loss, "pseudo/mask_rate": mask.float().mean(), "pseudo/ramp": ramp},

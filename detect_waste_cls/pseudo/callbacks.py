@@ -1,4 +1,4 @@
-"""PseudoLabelRefresh: relabels the pseudolabel split per epoch or per batch, and owns the store."""
+"""PseudoLabelRefresh: labels the pseudolabel split (once from a teacher, per epoch, or per batch) and owns the store."""
 
 from __future__ import annotations
 
@@ -13,6 +13,11 @@ from torch.utils.data import DataLoader
 
 from detect_waste_cls.config import PseudoConfig
 from detect_waste_cls.data import batch as keys
+from detect_waste_cls.data.transforms import EvalPreset
+from detect_waste_cls.errors import UserInputError
+from detect_waste_cls.models.classifier import load_classifier
+from detect_waste_cls.models.ema import find_ema_teacher
+from detect_waste_cls.pseudo.loss import confident_mask, flex_thresholds, sharpen
 from detect_waste_cls.pseudo.store import PseudoLabelStore
 
 log = logging.getLogger(__name__)
@@ -31,16 +36,19 @@ class PseudoLabelData(Protocol):
     @property
     def pseudo_images(self): ...
 
-    def pseudo_inference_dataloader(self, rank: int, world_size: int) -> DataLoader: ...
+    def pseudo_inference_dataloader(self, rank: int, world_size: int, view=None) -> DataLoader: ...
 
 
 class PseudoLabelRefresh(pl.Callback):
-    """Keeps a PseudoLabelStore current and hands each training step the labels of its pseudo batch.
+    """Keeps a PseudoLabelStore current and hands each training step the targets and mask of its pseudo batch.
 
-    per_epoch: at the start of each epoch from `pseudo.start` on, the current model (eval
-    mode, eval transforms) predicts the whole pseudolabel split; under DDP each rank
-    predicts a shard and the shards are gathered, so every rank holds the same store.
-    per_batch: right before each training step, the model labels that step's pseudo batch
+    Labels always come from an eval view, by the labeler: the EMA teacher when --ema-decay is
+    set, else the model in training (or, in teacher mode, the teacher checkpoint).
+    teacher: before the first step, the teacher checkpoint labels the whole split once.
+    per_epoch: at the start of each epoch from `pseudo.start` on, the labeler predicts the whole
+    split; under DDP each rank predicts a shard and the shards are gathered, so every rank
+    holds the same store.
+    per_batch: right before each training step, the labeler labels that step's pseudo batch
     from its eval view; the labels of all ranks are gathered into every rank's store.
     """
 
@@ -48,6 +56,8 @@ class PseudoLabelRefresh(pl.Callback):
         """`pseudo` is the same (resolved) config object the LitterClassifier was given."""
         if pseudo.mode == "none" or pseudo.start is None:
             raise ValueError(f"PseudoLabelRefresh needs a resolved pseudo-labeling config, got {pseudo}")
+        if pseudo.mode == "teacher" and pseudo.teacher is None:
+            raise ValueError("teacher mode needs pseudo.teacher, the checkpoint that labels (train() trains one first)")
         self.config = pseudo
         self.mode = pseudo.mode
         self.output_csv = output_csv
@@ -68,9 +78,9 @@ class PseudoLabelRefresh(pl.Callback):
                 f"pseudo_inference_dataloader), like WasteDataModule; got {type(data).__name__}"
             )
         pseudo = data.pseudo_images
-        self.paths, self.classes = pseudo.paths, data.classes
+        self.paths, self.classes = pseudo.paths, list(data.classes)
         self.folder_targets = torch.tensor(pseudo.folder_targets, dtype=torch.long)
-        self.store = PseudoLabelStore(len(pseudo.paths))
+        self.store = PseudoLabelStore(len(pseudo.paths), len(self.classes))
         if self._restored_state is not None:
             self.store.load_state_dict(self._restored_state)
 
@@ -84,6 +94,12 @@ class PseudoLabelRefresh(pl.Callback):
         if self.store is not None:
             self.store.load_state_dict(self._restored_state)
 
+    def thresholds(self) -> float | torch.Tensor:
+        """The confidence a label needs to enter the loss: one number, or FlexMatch's per-class values."""
+        if self.config.threshold_mode == "flex":
+            return flex_thresholds(self.store.labels, self.store.confidence, self.config.threshold, len(self.classes))
+        return self.config.threshold
+
     def _gather(self, pl_module: pl.LightningModule, *tensors: torch.Tensor) -> list[torch.Tensor]:
         """Concatenate each tensor across ranks; rows whose index (the first tensor) is -1 are padding."""
         if pl_module.trainer.world_size == 1:
@@ -91,28 +107,59 @@ class PseudoLabelRefresh(pl.Callback):
         # Shards differ in length by at most one, and all_gather needs equal shapes.
         length = torch.tensor([len(tensors[0])], device=pl_module.device)
         longest = int(pl_module.all_gather(length).max())
-        padded = []
+        gathered = []
         for tensor in tensors:
-            pad = torch.full((longest - len(tensor),), -1, dtype=tensor.dtype)
-            padded.append(torch.cat([tensor.cpu(), pad]).to(pl_module.device))
-        gathered = [pl_module.all_gather(t).reshape(-1).cpu() for t in padded]
+            pad = torch.full((longest - len(tensor), *tensor.shape[1:]), -1, dtype=tensor.dtype)
+            padded = torch.cat([tensor.cpu(), pad]).to(pl_module.device)
+            gathered.append(pl_module.all_gather(padded).reshape(-1, *tensor.shape[1:]).cpu())
         keep = gathered[0] >= 0
         return [t[keep] for t in gathered]
 
-    def _label(self, trainer, pl_module, batches) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _label(self, trainer: pl.Trainer, labeler: pl.LightningModule, batches) -> tuple[torch.Tensor, torch.Tensor]:
+        """(indices, probabilities) of every image in `batches` on every rank, predicted by `labeler`."""
         with trainer.precision_plugin.forward_context():
-            probabilities, indices = pl_module.predict_loader(batches)
-        confidence, labels = probabilities.max(dim=1)
-        return self._gather(pl_module, indices, labels, confidence)
+            probabilities, indices = labeler.predict_loader(batches)
+        return self._gather(trainer.lightning_module, indices, probabilities)
+
+    @staticmethod
+    def labeler(trainer: pl.Trainer, pl_module: pl.LightningModule) -> pl.LightningModule:
+        """The EMA teacher when there is one, else the model in training."""
+        ema = find_ema_teacher(trainer)
+        averaged = ema.averaged_model() if ema is not None else None
+        return averaged if averaged is not None else pl_module
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After a checkpoint restore: a resumed student keeps the labels it has.
+        if self.mode == "teacher" and not bool((self.store.epoch >= 0).any()):
+            self._label_with_teacher(trainer, pl_module)
+
+    def _label_with_teacher(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        teacher = load_classifier(self.config.teacher).to(pl_module.device)
+        if teacher.classes != self.classes:
+            raise UserInputError(f"--pseudo-teacher {self.config.teacher} was trained on classes {teacher.classes}, "
+                                 f"but the data has {self.classes}")
+        # The teacher sees the images as it was trained to, whatever the student's size and normalization.
+        view = EvalPreset(size=teacher.image_size, normalization=teacher.normalization)
+        loader = trainer.datamodule.pseudo_inference_dataloader(trainer.global_rank, trainer.world_size, view=view)
+        indices, probabilities = self._label(trainer, teacher, loader)
+        self._changed = self.store.update(indices, probabilities, trainer.current_epoch)
+        self._seen = len(indices)
+        if trainer.is_global_zero:
+            log.info("teacher %s labeled %d pseudolabel images", self.config.teacher, len(indices))
+        del teacher
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.mode == "teacher":  # the teacher's labels do not change; logged each epoch all the same
+            self._log_store(trainer)
+            self._changed = 0
+            return
         self._changed = self._seen = 0
         if self.mode != "per_epoch" or trainer.current_epoch < self.config.start:
             return
         if self._inference_loader is None:
             self._inference_loader = trainer.datamodule.pseudo_inference_dataloader(trainer.global_rank, trainer.world_size)
-        indices, labels, confidence = self._label(trainer, pl_module, self._inference_loader)
-        self._changed = self.store.update(indices, labels, confidence, trainer.current_epoch)
+        indices, probabilities = self._label(trainer, self.labeler(trainer, pl_module), self._inference_loader)
+        self._changed = self.store.update(indices, probabilities, trainer.current_epoch)
         self._seen = len(indices)
         self._log_store(trainer)
 
@@ -121,30 +168,38 @@ class PseudoLabelRefresh(pl.Callback):
         if pseudo is None:
             return
         if self.mode == "per_batch" and trainer.current_epoch >= self.config.start:
-            indices, labels, confidence = self._label(
-                trainer, pl_module, [{keys.IMAGE: pseudo[keys.EVAL_IMAGE], keys.INDEX: pseudo[keys.INDEX]}]
-            )
-            self._changed += self.store.update(indices, labels, confidence, trainer.current_epoch)
+            eval_view = [{keys.IMAGE: pseudo[keys.EVAL_IMAGE], keys.INDEX: pseudo[keys.INDEX]}]
+            indices, probabilities = self._label(trainer, self.labeler(trainer, pl_module), eval_view)
+            self._changed += self.store.update(indices, probabilities, trainer.current_epoch)
             self._seen += len(indices)
-        labels, confidence = self.store.lookup(pseudo[keys.INDEX])
-        pseudo[keys.LABEL], pseudo[keys.CONFIDENCE] = labels.to(pl_module.device), confidence.to(pl_module.device)
+        probabilities, labels = self.store.lookup(pseudo[keys.INDEX])
+        mask = confident_mask(labels, probabilities.max(dim=1).values, self.thresholds())
+        targets = sharpen(probabilities, self.config.temperature) if self.config.targets == "soft" else labels.clamp(min=0)
+        pseudo[keys.PSEUDO_TARGET], pseudo[keys.MASK] = targets.to(pl_module.device), mask.to(pl_module.device)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.mode == "per_batch" and self._seen:
             self._log_store(trainer)
 
     def store_metrics(self) -> dict[str, float]:
-        metrics = {
-            "pseudo/label_changes": self._changed / max(1, self._seen),
-            "pseudo/confident_fraction": float(self.store.confident(self.config.threshold).float().mean()),
-        }
-        for name, count in zip(self.classes, self.store.class_counts(len(self.classes))):
-            metrics[f"pseudo/count/{name}"] = float(count)
-        # Accuracy of every label, and of the labels confident enough to enter the loss.
-        for key, threshold in (("pseudo/accuracy", 0.0), ("pseudo/confident_accuracy", self.config.threshold)):
-            accuracy = self.store.accuracy(self.folder_targets, threshold)
+        """How far the labels can be trusted: overall and per class, for all labels and for those that pass."""
+        thresholds = self.thresholds()
+        passing = self.store.confident(thresholds)
+        metrics = {"pseudo/label_changes": self._changed / max(1, self._seen),
+                   "pseudo/confident_fraction": float(passing.float().mean())}
+        for key, bar in (("pseudo/accuracy", 0.0), ("pseudo/confident_accuracy", thresholds)):
+            accuracy = self.store.accuracy(self.folder_targets, bar)
             if accuracy is not None:
                 metrics[key] = accuracy
+        counts = self.store.class_counts(len(self.classes), thresholds)
+        for label, name in enumerate(self.classes):
+            # Share of each class among the labels that pass: a class the teacher favours shows here.
+            metrics[f"pseudo/share/{name}"] = counts[label] / max(1, sum(counts))
+            accuracy = self.store.accuracy(self.folder_targets, thresholds, label=label)
+            if accuracy is not None:
+                metrics[f"pseudo/confident_accuracy/{name}"] = accuracy
+            if isinstance(thresholds, torch.Tensor):
+                metrics[f"pseudo/threshold/{name}"] = float(thresholds[label])
         return metrics
 
     def _log_store(self, trainer: pl.Trainer) -> None:

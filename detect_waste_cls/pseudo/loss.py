@@ -1,4 +1,4 @@
-"""The arithmetic of the pseudo-label term: confidence mask and linear warm-up weight."""
+"""The arithmetic of the pseudo-label term: which labels pass (fixed or FlexMatch thresholds), soft targets, the loss."""
 
 from __future__ import annotations
 
@@ -15,20 +15,45 @@ def linear_rampup(progress: float, start: float, length: float) -> float:
     return min(1.0, (progress - start) / length)
 
 
-def confident_mask(labels: torch.Tensor, confidence: torch.Tensor, threshold: float) -> torch.Tensor:
-    """The pseudo-labels that enter the loss: set (label >= 0) and at least `threshold` confident."""
-    return (labels >= 0) & (confidence >= threshold)
+def confident_mask(labels: torch.Tensor, confidence: torch.Tensor, thresholds: float | torch.Tensor) -> torch.Tensor:
+    """The pseudo-labels that enter the loss: set (label >= 0) and at least as confident as their class's threshold.
+
+    `thresholds` is one number for every class, or one per class.
+    """
+    if isinstance(thresholds, torch.Tensor):
+        thresholds = thresholds.to(confidence.device)[labels.clamp(min=0)]
+    return (labels >= 0) & (confidence >= thresholds)
 
 
-def masked_pseudo_label_loss(
-    logits: torch.Tensor, labels: torch.Tensor, confidence: torch.Tensor, threshold: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """mean(mask * CE(logits, labels)) with mask = labelled (label >= 0) and confidence >= threshold.
+def flex_thresholds(labels: torch.Tensor, confidence: torch.Tensor, threshold: float, num_classes: int) -> torch.Tensor:
+    """FlexMatch's class-wise thresholds (Zhang et al. 2021, with its threshold warm-up), from the current labels.
+
+    A class's learning effect is how many pseudolabel images it holds at or above `threshold`,
+    over the largest of those counts and of the images no class holds yet (unlabeled, or below
+    `threshold`). Its threshold is `threshold` x M(effect) with the convex M(x) = x / (2 - x):
+    classes the model has not learned yet get a low bar, well-learned ones the full one.
+    """
+    passing = confident_mask(labels, confidence, threshold)
+    learned = torch.bincount(labels[passing], minlength=num_classes).float()
+    not_yet = float(len(labels) - int(passing.sum()))
+    effect = learned / max(float(learned.max()), not_yet, 1.0)
+    return threshold * effect / (2 - effect)
+
+
+def sharpen(probabilities: torch.Tensor, temperature: float) -> torch.Tensor:
+    """p^(1/T), renormalized: T < 1 sharpens, T = 1 returns p."""
+    powered = probabilities.clamp(min=1e-12) ** (1.0 / temperature)
+    return powered / powered.sum(dim=1, keepdim=True)
+
+
+def masked_pseudo_label_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """mean(mask * CE(logits, targets)); targets are class indices (hard) or distributions (soft).
 
     The mean runs over the whole batch, masked samples included, so a fully masked batch
     gives an exact zero that still depends on every parameter: under DDP every rank runs
     the same graph whatever its mask.
     """
-    mask = confident_mask(labels, confidence, threshold)
-    per_image = F.cross_entropy(logits, labels.clamp(min=0), reduction="none")
-    return (per_image * mask).mean(), mask
+    if targets.is_floating_point():
+        targets = targets.to(logits.dtype)
+    per_image = F.cross_entropy(logits, targets, reduction="none")
+    return (per_image * mask).mean()

@@ -1,4 +1,4 @@
-"""PseudoLabelStore: the machine's label for each pseudolabel image, addressed by dataset index."""
+"""PseudoLabelStore: the machine's class distribution for each pseudolabel image, addressed by dataset index."""
 
 from __future__ import annotations
 
@@ -13,58 +13,77 @@ from detect_waste_cls.pseudo.loss import confident_mask
 
 
 class PseudoLabelStore:
-    """label (-1 until first set), confidence and the epoch it was last set, per pseudolabel image.
+    """Predicted probabilities and the epoch they were last set (-1: never), per pseudolabel image.
 
-    Lives in the main process only. Dataloader workers never see it, so a label can't go
-    stale in a worker's copy of the dataset; batches carry indices and labels are looked up here.
+    The label is the most probable class and the confidence its probability. Lives in the main
+    process only. Dataloader workers never see it, so a label can't go stale in a worker's copy
+    of the dataset; batches carry indices and labels are looked up here.
     """
 
-    def __init__(self, size: int):
-        self.labels = torch.full((size,), -1, dtype=torch.long)
-        self.confidence = torch.zeros(size, dtype=torch.float32)
+    def __init__(self, size: int, num_classes: int):
+        self.probabilities = torch.zeros(size, num_classes, dtype=torch.float32)
         self.epoch = torch.full((size,), -1, dtype=torch.long)
 
     def __len__(self) -> int:
-        return len(self.labels)
+        return len(self.epoch)
+
+    @property
+    def confidence(self) -> torch.Tensor:
+        return self.probabilities.max(dim=1).values
+
+    @property
+    def labels(self) -> torch.Tensor:
+        """The most probable class, or -1 where nothing was predicted yet."""
+        return torch.where(self.epoch >= 0, self.probabilities.argmax(dim=1), -1)
 
     def lookup(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(probabilities, labels) of these images."""
         indices = indices.cpu()
-        return self.labels[indices], self.confidence[indices]
+        return self.probabilities[indices], self.labels[indices]
 
-    def update(self, indices: torch.Tensor, labels: torch.Tensor, confidence: torch.Tensor, epoch: int) -> int:
-        """Record new labels; return how many of them differ from what was stored before."""
-        indices, labels = indices.cpu().long(), labels.cpu().long()
-        changed = int((self.labels[indices] != labels).sum())
-        self.labels[indices] = labels
-        self.confidence[indices] = confidence.cpu().float()
+    def update(self, indices: torch.Tensor, probabilities: torch.Tensor, epoch: int) -> int:
+        """Record new predictions; return how many of their labels differ from what was stored before."""
+        indices = indices.cpu().long()
+        before = self.labels[indices]
+        self.probabilities[indices] = probabilities.cpu().float()
         self.epoch[indices] = epoch
-        return changed
+        return int((self.labels[indices] != before).sum())
 
-    def class_counts(self, num_classes: int) -> list[int]:
-        labelled = self.labels[self.labels >= 0]
-        return torch.bincount(labelled, minlength=num_classes).tolist()
+    def class_counts(self, num_classes: int, thresholds: float | torch.Tensor = 0.0) -> list[int]:
+        """Images per label, among those that pass `thresholds`."""
+        passing = self.labels[self.confident(thresholds)]
+        return torch.bincount(passing, minlength=num_classes).tolist()
 
-    def confident(self, threshold: float) -> torch.Tensor:
-        """Which images hold a label that the loss would use at this confidence threshold."""
-        return confident_mask(self.labels, self.confidence, threshold)
+    def confident(self, thresholds: float | torch.Tensor) -> torch.Tensor:
+        """Which images hold a label that the loss would use at these thresholds (one, or one per class)."""
+        return confident_mask(self.labels, self.confidence, thresholds)
 
-    def accuracy(self, folder_targets: torch.Tensor, threshold: float = 0.0) -> float | None:
-        """Agreement with folder labels over images that have both (and pass the threshold); None when there are none."""
-        known = (folder_targets >= 0) & self.confident(threshold)
+    def accuracy(
+        self, folder_targets: torch.Tensor, thresholds: float | torch.Tensor = 0.0, label: int | None = None
+    ) -> float | None:
+        """Agreement with folder labels over images that have both and pass `thresholds` (only those labeled
+        `label`, when given); None when there are none."""
+        known = (folder_targets >= 0) & self.confident(thresholds)
+        if label is not None:
+            known &= self.labels == label
         if not known.any():
             return None
         return float((self.labels[known] == folder_targets[known]).float().mean())
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"labels": self.labels.clone(), "confidence": self.confidence.clone(), "epoch": self.epoch.clone()}
+        return {"probabilities": self.probabilities.clone(), "epoch": self.epoch.clone()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        if len(state["labels"]) != len(self):
+        if "probabilities" not in state:
+            raise UserInputError("this checkpoint's pseudo-labels come from an older version that kept no "
+                                 "probabilities; start a new run (or --weights CHECKPOINT to keep its model)")
+        if state["probabilities"].shape != self.probabilities.shape:
             raise UserInputError(
-                f"the checkpoint's pseudo-labels cover {len(state['labels'])} images, "
-                f"but the pseudolabel split has {len(self)}: resume with the same data"
+                f"the checkpoint's pseudo-labels cover {len(state['probabilities'])} images of "
+                f"{state['probabilities'].shape[1]} classes, but the pseudolabel split has {len(self)} images of "
+                f"{self.probabilities.shape[1]}: resume with the same data"
             )
-        self.labels, self.confidence, self.epoch = (state[key].clone() for key in ("labels", "confidence", "epoch"))
+        self.probabilities, self.epoch = state["probabilities"].clone(), state["epoch"].clone()
 
     def to_frame(self, paths: Sequence[Path], classes: Sequence[str]) -> pd.DataFrame:
         return pd.DataFrame(

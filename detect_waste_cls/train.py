@@ -108,7 +108,8 @@ class StopOnNonFiniteLoss(pl.Callback):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         diverged = not bool(torch.isfinite(loss.detach()).all())
         if trainer.strategy.reduce_boolean_decision(diverged, all=False):  # any rank: all ranks stop together
-            last = Path(trainer.checkpoint_callback.dirpath or "") / "last.ckpt" if trainer.checkpoint_callback else None
+            folder = trainer.checkpoint_callback.dirpath if trainer.checkpoint_callback else None
+            last = Path(folder) / f"{LAST_CHECKPOINT}.ckpt" if folder else None
             kept = f"; the last good checkpoint is {last}" if last is not None and last.is_file() else ""
             raise TrainingDiverged(
                 f"the training loss became {float(loss):.4g} at epoch {trainer.current_epoch}, step {trainer.global_step}"
@@ -247,19 +248,17 @@ def train_rounds(config: TrainConfig, callbacks: Sequence[pl.Callback] = ()) -> 
     first_process = rank_zero_only.rank == 0  # no Trainer yet to ask; DDP's extra ranks have RANK set
     if first_process:
         write_config(top / "config.json", config)  # replays every round; each round's own config is in its folder
+    teacher = pseudo.teacher
     with shared_run_dir(top):
-        teacher = pseudo.teacher
-        if teacher is None:
-            rounds.append(fit_and_test(config.replace(pseudo={"mode": "none"}), callbacks, top / "round-0"))
+        for number in range(0 if teacher is None else 1, pseudo.rounds + 1):
+            if number == 0:  # no teacher given: a supervised run is the first one
+                round_config = config.replace(pseudo={"mode": "none"})
+            else:
+                round_config = config.replace(pseudo={"teacher": teacher, "rounds": 1})
+            rounds.append(fit_and_test(round_config, callbacks, top / f"round-{number}"))
             teacher = str(rounds[-1].best_checkpoint)
-        for number in range(1, pseudo.rounds + 1):
             if first_process:
                 _write_rounds_table(top / ROUNDS_TABLE, rounds)
-            student = config.replace(pseudo={"teacher": teacher, "rounds": 1})
-            rounds.append(fit_and_test(student, callbacks, top / f"round-{number}"))
-            teacher = str(rounds[-1].best_checkpoint)
-    if first_process:
-        _write_rounds_table(top / ROUNDS_TABLE, rounds)
     last = rounds[-1]
     return RunResult(config, top, last.best_checkpoint, last.test_metrics, rounds=tuple(rounds))
 

@@ -190,9 +190,26 @@ def test_resume_from_an_unreadable_checkpoint_is_a_one_line_error(tiny_tree, tmp
     assert f"cannot read checkpoint {broken}" in capsys.readouterr().err
 
 
-def test_last_checkpoint_is_the_latest_epoch_whichever_epoch_was_best(trained_run):
+def test_last_checkpoint_is_the_latest_epoch_whichever_epoch_was_best(tiny_tree, tmp_path):
     """--resume last.ckpt must continue from the end of training, not from the best epoch."""
-    _, out = trained_run
-    last = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
-    steps = pd.read_csv(out / "metrics.csv")["step"].max()
-    assert last["epoch"] == 1 and last["global_step"] == steps  # 2 epochs of 2 steps
+    import lightning.pytorch as pl
+
+    from detect_waste_cls import TrainConfig, train
+
+    class BreakTheHeadAfterEpochZero(pl.Callback):  # every image confidently "glass": a far worse val/loss
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.current_epoch >= 1:
+                weight, bias = pl_module.head.weight, pl_module.head.bias
+                with torch.no_grad():
+                    weight.zero_()
+                    bias.copy_(torch.tensor([100.0, 0.0, 0.0]))
+
+    config = TrainConfig().replace(
+        data={"root": str(tiny_tree), "image_size": 32, "batch_size": 8, "num_workers": 0},
+        model={"name": "simple-cnn"}, optim={"epochs": 3},
+        run={"out": str(tmp_path / "run"), "accelerator": "cpu", "progress_bar": False},
+    )
+    result = train(config, callbacks=[BreakTheHeadAfterEpochZero()])
+    assert result.best_checkpoint.name == "best-epoch=00.ckpt"
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert last["epoch"] == 2

@@ -7,7 +7,6 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import COLOURS, make_tree
 from detect_waste_cls import TrainConfig, train
 from detect_waste_cls.config import read_config_file
 from detect_waste_cls.models.classifier import load_classifier
@@ -24,12 +23,8 @@ def tiny_config(data, out, **sections) -> TrainConfig:
     return config.replace(**sections) if sections else config
 
 
-def tree(tmp_path):
-    return make_tree(tmp_path / "data", {"train": {n: 8 for n in COLOURS}, "test": {n: 2 for n in COLOURS}}, pseudo=12)
-
-
-def test_ema_teacher_is_what_is_checkpointed_and_resume_restores_both_models(tmp_path):
-    data = tree(tmp_path)
+def test_ema_teacher_is_what_is_checkpointed_and_resume_restores_both_models(tmp_path, tiny_tree):
+    data = tiny_tree
     first = train(tiny_config(data, tmp_path / "first", optim={"ema_decay": 0.5}))
     checkpoint = torch.load(first.run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     averaged, current = checkpoint["state_dict"], checkpoint["current_model_state"]
@@ -53,8 +48,8 @@ def test_ema_teacher_is_what_is_checkpointed_and_resume_restores_both_models(tmp
     assert all(torch.equal(seen["average"][k], averaged[k]) for k in averaged)
 
 
-def test_teacher_rounds_each_train_a_student_on_the_previous_rounds_labels(tmp_path):
-    data = tree(tmp_path)
+def test_teacher_rounds_each_train_a_student_on_the_previous_rounds_labels(tmp_path, tiny_tree):
+    data = tiny_tree
     result = train(tiny_config(data, tmp_path / "run", pseudo={"mode": "teacher", "rounds": 2, "threshold": 0.0}))
     rounds = pd.read_csv(tmp_path / "run" / "rounds.csv")
     assert rounds["round"].tolist() == ["round-0", "round-1", "round-2"]

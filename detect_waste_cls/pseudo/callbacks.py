@@ -115,11 +115,13 @@ class PseudoLabelRefresh(pl.Callback):
         keep = gathered[0] >= 0
         return [t[keep] for t in gathered]
 
-    def _label(self, trainer: pl.Trainer, labeler: pl.LightningModule, batches) -> tuple[torch.Tensor, torch.Tensor]:
-        """(indices, probabilities) of every image in `batches` on every rank, predicted by `labeler`."""
+    def _relabel(self, trainer: pl.Trainer, labeler: pl.LightningModule, batches) -> None:
+        """`labeler` predicts every image in `batches` on every rank; the gathered predictions go into the store."""
         with trainer.precision_plugin.forward_context():
             probabilities, indices = labeler.predict_loader(batches)
-        return self._gather(trainer.lightning_module, indices, probabilities)
+        indices, probabilities = self._gather(trainer.lightning_module, indices, probabilities)
+        self._changed += self.store.update(indices, probabilities, trainer.current_epoch)
+        self._seen += len(indices)
 
     @staticmethod
     def labeler(trainer: pl.Trainer, pl_module: pl.LightningModule) -> pl.LightningModule:
@@ -141,11 +143,9 @@ class PseudoLabelRefresh(pl.Callback):
         # The teacher sees the images as it was trained to, whatever the student's size and normalization.
         view = EvalPreset(size=teacher.image_size, normalization=teacher.normalization)
         loader = trainer.datamodule.pseudo_inference_dataloader(trainer.global_rank, trainer.world_size, view=view)
-        indices, probabilities = self._label(trainer, teacher, loader)
-        self._changed = self.store.update(indices, probabilities, trainer.current_epoch)
-        self._seen = len(indices)
+        self._relabel(trainer, teacher, loader)
         if trainer.is_global_zero:
-            log.info("teacher %s labeled %d pseudolabel images", self.config.teacher, len(indices))
+            log.info("teacher %s labeled %d pseudolabel images", self.config.teacher, self._seen)
         del teacher
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -158,9 +158,7 @@ class PseudoLabelRefresh(pl.Callback):
             return
         if self._inference_loader is None:
             self._inference_loader = trainer.datamodule.pseudo_inference_dataloader(trainer.global_rank, trainer.world_size)
-        indices, probabilities = self._label(trainer, self.labeler(trainer, pl_module), self._inference_loader)
-        self._changed = self.store.update(indices, probabilities, trainer.current_epoch)
-        self._seen = len(indices)
+        self._relabel(trainer, self.labeler(trainer, pl_module), self._inference_loader)
         self._log_store(trainer)
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int) -> None:
@@ -169,9 +167,7 @@ class PseudoLabelRefresh(pl.Callback):
             return
         if self.mode == "per_batch" and trainer.current_epoch >= self.config.start:
             eval_view = [{keys.IMAGE: pseudo[keys.EVAL_IMAGE], keys.INDEX: pseudo[keys.INDEX]}]
-            indices, probabilities = self._label(trainer, self.labeler(trainer, pl_module), eval_view)
-            self._changed += self.store.update(indices, probabilities, trainer.current_epoch)
-            self._seen += len(indices)
+            self._relabel(trainer, self.labeler(trainer, pl_module), eval_view)
         probabilities, labels = self.store.lookup(pseudo[keys.INDEX])
         mask = confident_mask(labels, probabilities.max(dim=1).values, self.thresholds())
         targets = sharpen(probabilities, self.config.temperature) if self.config.targets == "soft" else labels.clamp(min=0)

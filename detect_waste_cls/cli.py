@@ -90,10 +90,19 @@ def build_parser(default_model: str = DEFAULT_MODEL) -> argparse.ArgumentParser:
     add_training_arguments(commands.add_parser("test", help="score a checkpoint on a folder of class subfolders"),
                            default_model, "test")
     predict = commands.add_parser("predict", help="top-5 predictions for a folder of images")
-    predict.add_argument("--checkpoint", type=Path, required=True)
+    predict.add_argument("--checkpoint", type=Path, required=True, help="a .ckpt file or an exported model folder")
     predict.add_argument("--images", type=Path, required=True, help="folder of images (searched recursively)")
     predict.add_argument("--out", type=Path, required=True, help="CSV file to write (must not exist)")
     predict.add_argument("-b", "--batch-size", type=int, default=64)
+    export = commands.add_parser("export", help="a checkpoint as a Hugging Face-style folder (safetensors, card, ONNX)")
+    export.add_argument("--checkpoint", type=Path, required=True)
+    export.add_argument("--out", type=Path, required=True, help="folder to create (must not exist or be empty)")
+    export.add_argument("--onnx", action="store_true", help="also write model.onnx, checked with onnxruntime")
+    export.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the folder with huggingface_hub ($HF_TOKEN)")
+    app = commands.add_parser("app", help="a Streamlit page on localhost: upload a photo, see the top-5 classes")
+    app.add_argument("--model", type=Path, required=True,
+                     help="an exported folder, a .ckpt file, or a folder of runs to choose from")
+    app.add_argument("--port", type=int, default=8501)
     add_prepare_arguments(commands.add_parser("prepare", help="build an images_square tree"))
     return parser
 
@@ -135,6 +144,14 @@ def dispatch(args: argparse.Namespace, default_model: str) -> None:
         from detect_waste_cls.predict import predict_folder
 
         print(f"wrote {predict_folder(args.checkpoint, args.images, args.out, batch_size=args.batch_size)}")
+    elif args.command == "export":
+        from detect_waste_cls.export import export_model
+
+        print(f"wrote {export_model(args.checkpoint, args.out, onnx=args.onnx, push_to_hub=args.push_to_hub)}")
+    elif args.command == "app":
+        from detect_waste_cls.app import launch
+
+        sys.exit(launch(args.model, port=args.port))
     elif args.mode == "test":
         run_test_mode(args, config_from_args(args, default_model))
     else:

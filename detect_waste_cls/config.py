@@ -26,6 +26,9 @@ PSEUDO_THRESHOLD_MODES = ("fixed", "flex")
 PSEUDO_TARGETS = ("hard", "soft")
 # lp-ft: train the head on frozen features, then everything with a smaller backbone learning rate.
 FINETUNE_RECIPES = ("lp-ft", "linear", "full")
+RESUME_AUTO = "auto"  # --resume auto: continue the run in --out from its checkpoints/last.ckpt
+# The checkpoint that is tested, exported and teaches the next round: lowest val/loss, or the end of training.
+FINAL_CHECKPOINTS = ("best", "last")
 LOGGER_NAMES = ("csv", "tensorboard", "wandb", "mlflow")
 DEFAULT_MODEL = "efficientnet-lite0"
 # What the "default" values of OptimConfig resolve to (see OptimConfig.resolved).
@@ -59,6 +62,10 @@ class DataConfig(_Section):
              "in test mode any folder of class subfolders (default: the embedded sample)")
     image_size: int | None = option(None, "--img-size", help="input size in px (default: the model's native size)")
     batch_size: int = option(16, "-b", "--batch-size", help="images per step and device")
+    epoch_repeats: float = option(
+        1.0, "--epoch-repeats",
+        help="passes over the labeled split per epoch (as timm's flag): more steps per epoch for a small labeled set, "
+             "and so more pseudolabel images per epoch, --pseudo-ratio per labeled image")
     val_split: float = option(
         0.1, "--val-split",
         help="share of train held out, per class, to pick the best checkpoint; 0 validates on test as the original "
@@ -105,6 +112,10 @@ class OptimConfig(_Section):
         None, "--freeze-bn",
         help="keep the backbone's batch-norm statistics as loaded while it trains: a few labeled images give noisy "
              "batch statistics (default: yes for lp-ft and linear, no for full)")
+    final_checkpoint: str = option(
+        "best", "--final-checkpoint", choices=FINAL_CHECKPOINTS,
+        help="what is tested, exported and teaches the next round: best (lowest val/loss) or last (the end of "
+             "training; the honest choice when the validation split is a handful of images)")
     ema_decay: float | None = option(
         None, "--ema-decay",
         help="keep an exponential moving average of the weights (e.g. 0.99): it labels pseudolabel images, and it is "
@@ -132,11 +143,12 @@ class PseudoConfig(_Section):
                             "/ each step's images (per_batch with the strong view is FixMatch); teacher: a trained "
                             "teacher labels it once and a fresh student learns from those labels, for --pseudo-rounds")
     start: int | None = option(None, "--pseudo-start",
-                               help="first epoch that uses pseudo-labels (default: half of --epochs; 0 with a teacher)")
+                               help="first epoch that uses pseudo-labels (default: the first epoch after lp-ft's probe phase; half of "
+                                    "--epochs from scratch; 0 with a teacher)")
     threshold: float = option(0.9, "--pseudo-threshold",
                               help="only pseudo-labels at least this confident enter the loss; 0 uses all")
     weight: float = option(1.0, "--pseudo-weight", help="weight of the pseudo-label loss term")
-    rampup: float = option(5.0, "--pseudo-rampup", help="epochs over which that weight rises linearly from 0")
+    rampup: float = option(2.0, "--pseudo-rampup", help="epochs over which that weight rises linearly from 0")
     ratio: float = option(1.0, "--pseudo-ratio", help="pseudolabel images per labeled image in a step")
     view: str = option("strong", "--pseudo-view", choices=PSEUDO_VIEWS,
                        help="what the pseudo-label loss sees: the weak train preset, or a strong view (RandAugment "
@@ -155,15 +167,21 @@ class PseudoConfig(_Section):
     rounds: int = option(1, "--pseudo-rounds", help="teacher mode: student rounds, each round's best student "
                                                     "teaching the next")
 
-    def resolved(self, *, epochs: int) -> "PseudoConfig":
+    def resolved(self, *, epochs: int, probe_epochs: int = 0) -> "PseudoConfig":
         mode = "teacher" if self.teacher is not None and self.mode == "none" else self.mode
         if self.teacher is not None and mode != "teacher":
             raise UserInputError(f"--pseudo-teacher labels once, in teacher mode; it cannot be combined with --pseudo {mode}")
         if self.rounds < 1:
             raise UserInputError(f"--pseudo-rounds {self.rounds}: at least one student round")
-        # A refreshing teacher should have trained for a while first (see the README's pseudo-labeling
-        # study); a fixed teacher's labels are ready from the first step.
-        start = self.start if self.start is not None else (0 if mode == "teacher" else epochs // 2)
+        # A fixed teacher's labels are ready from the first step. A refreshing one should have trained first:
+        # when fine-tuning, the linear probe is that teacher, so labels start with the first epoch that
+        # trains the backbone (the best setting of the README's 5% study); from scratch, half-way.
+        if self.start is not None:
+            start = self.start
+        elif mode == "teacher":
+            start = 0
+        else:
+            start = probe_epochs if 0 < probe_epochs < epochs else epochs // 2
         return dataclasses.replace(self, mode=mode, start=start)
 
 
@@ -175,7 +193,15 @@ class RunConfig(_Section):
     accelerator: str = option("auto", "--accelerator", help="Lightning accelerator when --gpus is not given")
     devices: str = option("1", "--devices", help="Lightning devices when --gpus is not given (>1 = DDP)")
     precision: str = option("32-true", "--precision", help="Lightning precision, e.g. 16-mixed, bf16-mixed")
-    resume: str | None = option(None, "--resume", help="continue training from this checkpoint (e.g. last.ckpt)")
+    calibrate: bool = option(
+        True, "--calibrate",
+        help="after training, fit a temperature on the validation split so that confidences are probabilities; "
+             "test, predict, export and the app use it (--no-calibrate: temperature 1)")
+    resume: str | None = option(
+        None, "--resume",
+        help=f"{RESUME_AUTO}: continue the run in --out where its last completed epoch left it, in the same folder "
+             "(give the run's own command again, plus --resume auto); a checkpoint path: train on from it, in a new "
+             "run folder")
     loggers: tuple[str, ...] = option(("csv",), "--logger", choices=LOGGER_NAMES, nargs="+", help="experiment loggers")
     neptune: bool = option(False, "--neptune",
                            help="also log to Neptune (NEPTUNE_API_TOKEN from the environment; offline without one)")

@@ -15,12 +15,14 @@ from torchmetrics.functional.classification import (
     multiclass_recall,
 )
 
+from detect_waste_cls.calibration import ECE_BINS, calibration_summary
 from detect_waste_cls.data.images import keep_decodable, resolve_test_folder, scan_labeled_folder
-from detect_waste_cls.models.classifier import load_classifier
-from detect_waste_cls.plots import plot_confusion
-from detect_waste_cls.predict import predict_paths
+from detect_waste_cls.export import load_model
+from detect_waste_cls.plots import plot_confusion, plot_reliability
+from detect_waste_cls.predict import path_logits
 
-EVALUATION_FILES = ("metrics.json", "classification_report.txt", "confusion_matrix.png", "predictions.csv")
+EVALUATION_FILES = ("metrics.json", "classification_report.txt", "confusion_matrix.png", "reliability_diagram.png",
+                    "predictions.csv")
 
 
 def compute_metrics(targets: torch.Tensor, predictions: torch.Tensor, classes: Sequence[str]) -> dict:
@@ -55,26 +57,38 @@ def format_report(metrics: dict) -> str:
     table["support"] = table["support"].astype(int)
     summary = (
         f"accuracy {metrics['accuracy']:.4f}   balanced accuracy {metrics['balanced_accuracy']:.4f}   "
-        f"macro F1 {metrics['macro_f1']:.4f}   ({metrics['num_images']} images)"
+        f"macro F1 {metrics['macro_f1']:.4f}   ({metrics['num_images']} images)\n"
+        f"ECE {metrics['ece']:.4f} at temperature {metrics['temperature']:.3f} ({metrics['ece_uncalibrated']:.4f} at 1)"
     )
     return table.to_string(float_format=lambda v: f"{v:.4f}") + "\n\n" + summary + "\n"
 
 
 def write_evaluation(
-    out_dir: Path, paths: Sequence[Path], targets: torch.Tensor, probabilities: torch.Tensor, classes: Sequence[str],
-    *, skipped: Sequence[Path] = (),
+    out_dir: Path, paths: Sequence[Path], targets: torch.Tensor, logits: torch.Tensor, classes: Sequence[str],
+    *, temperature: float = 1.0, skipped: Sequence[Path] = (),
 ) -> dict:
-    """Write metrics.json, classification_report.txt, confusion_matrix.png and predictions.csv into out_dir.
+    """Write metrics.json, classification_report.txt, confusion_matrix.png, reliability_diagram.png and
+    predictions.csv into out_dir. Confidences are calibrated with `temperature`; metrics.json has the ECE
+    with it and without it.
 
     `skipped`: images of the folder that could not be read and are not in the metrics.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
+    probabilities = (logits.float() / temperature).softmax(dim=1)
     confidence, predictions = probabilities.max(dim=1)
-    metrics = {**compute_metrics(targets, predictions, classes), "skipped_images": [str(path) for path in skipped]}
+    metrics = {
+        **compute_metrics(targets, predictions, classes),
+        **calibration_summary(logits, targets, temperature),
+        "skipped_images": [str(path) for path in skipped],
+    }
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out_dir / "classification_report.txt").write_text(format_report(metrics))
     # The functional form never syncs: rank 0 alone holds every prediction, other DDP ranks have left.
     plot_confusion(multiclass_confusion_matrix(predictions, targets, len(classes)), classes, out_dir / "confusion_matrix.png")
+    plot_reliability(
+        {"uncalibrated": logits.float().softmax(dim=1).max(dim=1).values, f"temperature {temperature:.2f}": confidence},
+        predictions == targets, out_dir / "reliability_diagram.png", bins=ECE_BINS,
+    )
     pd.DataFrame(
         {
             "path": [str(p) for p in paths],
@@ -87,16 +101,16 @@ def write_evaluation(
 
 
 def evaluate_folder(
-    checkpoint: str | Path, folder: str | Path, out_dir: str | Path, *, batch_size: int = 64, num_workers: int = 0,
+    model_path: str | Path, folder: str | Path, out_dir: str | Path, *, batch_size: int = 64, num_workers: int = 0,
     device: str | torch.device = "cpu",
 ) -> dict:
-    """Score a checkpoint on a folder of class subfolders (only classes the checkpoint knows); write the four files."""
+    """Score a checkpoint or exported folder on a folder of class subfolders (only classes the model knows)."""
     out_dir = Path(out_dir)
-    model = load_classifier(checkpoint).to(device)
+    model = load_model(model_path).to(device)
     images = scan_labeled_folder(resolve_test_folder(folder), model.classes)
     decodable = keep_decodable(images.paths, Path(folder))
     kept = set(decodable.paths)
     targets = torch.tensor([target for path, target in zip(images.paths, images.targets) if path in kept])
-    probabilities = predict_paths(model, decodable.paths, batch_size=batch_size, num_workers=num_workers)
-    return write_evaluation(out_dir, decodable.paths, targets, probabilities, model.classes,
+    logits = path_logits(model, decodable.paths, batch_size=batch_size, num_workers=num_workers)
+    return write_evaluation(out_dir, decodable.paths, targets, logits, model.classes, temperature=model.temperature,
                             skipped=images.skipped + decodable.skipped)

@@ -1,4 +1,4 @@
-"""Every figure a run writes: training curves and the confusion matrix.
+"""Every figure a run writes: training curves, the confusion matrix and the reliability diagram.
 
 Figures are built with matplotlib's object API (`Figure`, not pyplot), which renders to files
 without any backend: nothing here needs a display or changes the backend of a notebook that
@@ -48,3 +48,21 @@ def plot_confusion(confusion: torch.Tensor, classes: Sequence[str], out_png: Pat
     figure = Figure(figsize=(1.2 * len(classes) + 3, 1.2 * len(classes) + 2))
     plot_confusion_matrix(confusion, ax=figure.subplots(), labels=list(classes))
     return _save(figure, out_png, dpi=120)
+
+
+def plot_reliability(confidences: dict[str, torch.Tensor], correct: torch.Tensor, out_png: Path, bins: int) -> Path:
+    """Reliability diagram: accuracy against mean confidence per equal-width confidence bin, one line per
+    set of confidences (e.g. before and after temperature scaling); the diagonal is perfect calibration."""
+    figure = Figure(figsize=(5, 5))
+    ax = figure.subplots()
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
+    edges = torch.linspace(0, 1, bins + 1)
+    for name, confidence in confidences.items():
+        which = torch.bucketize(confidence, edges[1:-1])
+        used = [b for b in range(bins) if (which == b).any()]
+        mean_confidence = [float(confidence[which == b].mean()) for b in used]
+        accuracy = [float(correct[which == b].float().mean()) for b in used]
+        ax.plot(mean_confidence, accuracy, marker="o", label=name)
+    ax.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title="reliability")
+    ax.legend(loc="upper left")
+    return _save(figure, out_png)

@@ -12,27 +12,34 @@ from torch.utils.data import DataLoader
 from detect_waste_cls.data import batch as keys
 from detect_waste_cls.data.datasets import ImageDataset
 from detect_waste_cls.data.images import keep_decodable, scan_images
-from detect_waste_cls.data.transforms import EvalPreset
 from detect_waste_cls.errors import UserInputError
-from detect_waste_cls.models.classifier import LitterClassifier, load_classifier
+from detect_waste_cls.export import load_model
+from detect_waste_cls.models.classifier import LitterClassifier
+
+
+def path_logits(model: LitterClassifier, paths: Sequence[Path], *, batch_size: int = 64, num_workers: int = 0) -> torch.Tensor:
+    """Raw logits for each image, in the order of `paths`, at the model's own size and normalization."""
+    dataset = ImageDataset(paths, {keys.IMAGE: model.eval_view()})
+    logits, indices = model.predict_logits(DataLoader(dataset, batch_size=batch_size, num_workers=num_workers))
+    return logits[indices.argsort()]
 
 
 def predict_paths(model: LitterClassifier, paths: Sequence[Path], *, batch_size: int = 64, num_workers: int = 0) -> torch.Tensor:
-    """Class probabilities for each image, in the order of `paths`, at the checkpoint's own size and normalization."""
-    view = EvalPreset(size=model.image_size, normalization=model.normalization)
-    dataset = ImageDataset(paths, {keys.IMAGE: view})
-    probabilities, indices = model.predict_loader(DataLoader(dataset, batch_size=batch_size, num_workers=num_workers))
-    return probabilities[indices.argsort()]
+    """Calibrated class probabilities for each image, in the order of `paths`."""
+    return model.calibrated(path_logits(model, paths, batch_size=batch_size, num_workers=num_workers))
 
 
 def predict_folder(checkpoint: str | Path, images: str | Path, out_csv: str | Path, *, batch_size: int = 64, top_k: int = 5) -> Path:
-    """One row per image: path, top-1 label and confidence, then the top-k labels and confidences."""
+    """One row per image: path, top-1 label and calibrated confidence, then the top-k labels and confidences.
+
+    `checkpoint`: a .ckpt file or an exported folder.
+    """
     images, out_csv = Path(images), Path(out_csv)
     if out_csv.exists():
         raise UserInputError(f"{out_csv} already exists; choose another --out")
     if not images.is_dir():
         raise UserInputError(f"folder not found: {images}")
-    model = load_classifier(checkpoint)
+    model = load_model(checkpoint)
     report = scan_images(images, recursive=True)
     report.warn_skipped(images)
     paths = keep_decodable(report.paths, images).paths

@@ -1,4 +1,4 @@
-"""One training run, `train(config)`: data, model, Trainer, then the best checkpoint scored on the test split."""
+"""One training run, `train(config)`: data, model, Trainer, then the final checkpoint scored on the test split."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 
-from detect_waste_cls.config import RECORD_KEY, RunConfig, TrainConfig, default_num_workers
+from detect_waste_cls.calibration import calibrate_checkpoint
+from detect_waste_cls.config import RECORD_KEY, RESUME_AUTO, RunConfig, TrainConfig, default_num_workers, read_config_file
 from detect_waste_cls.data.datamodule import WasteDataModule
 from detect_waste_cls.errors import UserInputError
 from detect_waste_cls.evaluate import evaluate_folder, format_report
@@ -61,6 +62,35 @@ def create_run_dir(out: str | Path | None, name: str) -> Path:
     return candidate
 
 
+# What may differ between a run's command and the one that continues it with --resume auto.
+RESUME_FREE_FIELDS = {"resume", "out", "progress_bar"}
+
+
+def continued_run_dir(config: TrainConfig) -> Path:
+    """The folder `--resume auto` continues: --out, holding checkpoints/last.ckpt and the same config.json."""
+    if config.run.out is None:
+        raise UserInputError(f"--resume {RESUME_AUTO} continues the run folder given by --out RUN")
+    run_dir = Path(config.run.out)
+    checkpoint = run_dir / "checkpoints" / f"{LAST_CHECKPOINT}.ckpt"
+    if not checkpoint.is_file():
+        raise UserInputError(f"--resume {RESUME_AUTO}: no {checkpoint}, so no completed epoch to continue from")
+    saved = resolve_config(TrainConfig.from_dict(read_config_file(run_dir / "config.json"), str(run_dir / "config.json")))
+    ours, theirs = config.to_dict(), saved.to_dict()
+    changed = [f"{section}.{key}" for section, values in ours.items() for key, value in values.items()
+               if value != theirs[section][key] and not (section == "run" and key in RESUME_FREE_FIELDS)]
+    if changed:
+        raise UserInputError(f"--resume {RESUME_AUTO}: {run_dir} was trained with other settings ({', '.join(changed)}); "
+                             f"give its own command again, or --config {run_dir / 'config.json'}")
+    return run_dir
+
+
+def forget_epochs_after(metrics_csv: Path, epoch: int) -> None:
+    """Drop the log rows of the epoch a kill interrupted, so a continued run logs each epoch once."""
+    if metrics_csv.is_file():
+        log_rows = pd.read_csv(metrics_csv)
+        log_rows[log_rows["epoch"] <= epoch].to_csv(metrics_csv, index=False)
+
+
 def device_settings(run: RunConfig) -> dict:
     """Trainer accelerator/devices/strategy from --gpus, or from --accelerator/--devices."""
     if run.gpus is not None:
@@ -80,10 +110,13 @@ def device_settings(run: RunConfig) -> dict:
     return {"accelerator": accelerator, "devices": devices, "strategy": "ddp" if distributed else "auto"}
 
 
-def check_checkpoint_classes(checkpoint: str | Path, classes: Sequence[str]) -> None:
-    saved = load_torch_file(checkpoint, "checkpoint").get("hyper_parameters", {}).get("classes")
-    if saved != list(classes):
-        raise UserInputError(f"{checkpoint} was trained on classes {saved}, but the data has {list(classes)}")
+def check_resume_checkpoint(checkpoint: str | Path, classes: Sequence[str], model_name: str) -> None:
+    """A checkpoint to continue from must hold the same model and classes; the error names both sides."""
+    saved = load_torch_file(checkpoint, "checkpoint").get("hyper_parameters", {})
+    if saved.get("model", {}).get("name") != model_name:
+        raise UserInputError(f"{checkpoint} holds model {saved.get('model', {}).get('name')}, but --model is {model_name}")
+    if saved.get("classes") != list(classes):
+        raise UserInputError(f"{checkpoint} was trained on classes {saved.get('classes')}, but the data has {list(classes)}")
 
 
 class EpochSummary(pl.Callback):
@@ -132,7 +165,7 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
     )
     optim = config.optim.resolved(starts_from_weights=bool(model.pretrained or model.weights))
     return dataclasses.replace(
-        config, data=data, model=model, optim=optim, pseudo=config.pseudo.resolved(epochs=optim.epochs)
+        config, data=data, model=model, optim=optim, pseudo=config.pseudo.resolved(epochs=optim.epochs, probe_epochs=optim.probe_epochs)
     )
 
 
@@ -142,13 +175,13 @@ class RunResult:
 
     config: TrainConfig  # resolved: what config.json holds
     run_dir: Path | None = None
-    best_checkpoint: Path | None = None
+    final_checkpoint: Path | None = None
     test_metrics: dict | None = None  # metrics.json, when there is a test split
     rounds: tuple["RunResult", ...] = ()  # teacher mode: each round's own result, round 0 first
 
 
 def train(config: TrainConfig = TrainConfig(), *, callbacks: Sequence[pl.Callback] = ()) -> RunResult:
-    """Train, then score the best checkpoint on the test split; in teacher mode, once per round.
+    """Train, then score the final checkpoint (--final-checkpoint) on the test split; in teacher mode, once per round.
 
     Works from a script or a notebook on CPU or one GPU; DDP on several devices re-launches the
     program, so start those runs from the command line (see the README).
@@ -180,11 +213,17 @@ def fit_and_test(config: TrainConfig, callbacks: Sequence[pl.Callback] = (), run
     datamodule = WasteDataModule(config.data, normalization=model_entry.normalization, pseudo=config.pseudo,
                                  seed=config.run.seed)
     log.info("data: %s", datamodule.layout.describe())
-    if config.run.resume:
-        check_checkpoint_classes(config.run.resume, datamodule.classes)
+    resume_from = config.run.resume
+    if resume_from == RESUME_AUTO:
+        run_dir = continued_run_dir(config)
+        resume_from = str(run_dir / "checkpoints" / f"{LAST_CHECKPOINT}.ckpt")
+    if resume_from:
+        check_resume_checkpoint(resume_from, datamodule.classes, config.model.name)
     if run_dir is None:
         run_dir = create_run_dir(config.run.out, config.model.name)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if config.run.resume == RESUME_AUTO and rank_zero_only.rank == 0:
+        forget_epochs_after(run_dir / "metrics.csv", load_torch_file(resume_from, "checkpoint")["epoch"])
     datamodule.skipped_log = None if config.data.strict else run_dir / SKIPPED_FILES
     model = LitterClassifier(classes=datamodule.classes, image_size=config.data.image_size,
                              model=config.model, optim=config.optim, pseudo=config.pseudo)
@@ -217,29 +256,35 @@ def fit_and_test(config: TrainConfig, callbacks: Sequence[pl.Callback] = (), run
         enable_progress_bar=config.run.progress_bar if config.run.progress_bar is not None else sys.stderr.isatty(),
         **devices,
     )
-    if trainer.is_global_zero:
+    if trainer.is_global_zero and config.run.resume != RESUME_AUTO:  # a continued run keeps its config.json
         write_config(run_dir / "config.json", config, classes=datamodule.classes)
     with shared_run_dir(run_dir):
-        trainer.fit(model, datamodule=datamodule, ckpt_path=config.run.resume)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from)
     # Every rank tracks the same best checkpoint (validation metrics are synced), so every rank knows the next teacher.
-    best = Path(checkpoints.best_model_path or latest.best_model_path)
+    chosen = checkpoints if config.optim.final_checkpoint == "best" else latest
+    final = Path(chosen.best_model_path or latest.best_model_path)
     if not trainer.is_global_zero:
-        return RunResult(config, run_dir, best)
-    metrics = report_run(trainer, datamodule, loggers, best, run_dir)
-    return RunResult(config, run_dir, best, metrics)
+        return RunResult(config, run_dir, final)
+    if config.run.calibrate:
+        calibrate_run(final, datamodule, device=trainer.strategy.root_device)
+    metrics = report_run(trainer, datamodule, loggers, final, run_dir)
+    return RunResult(config, run_dir, final, metrics)
 
 
 ROUNDS_TABLE = "rounds.csv"
 
 
 def train_rounds(config: TrainConfig, callbacks: Sequence[pl.Callback] = ()) -> RunResult:
-    """Teacher mode (Noisy Student): each round a fresh student learns from the previous round's best model.
+    """Teacher mode (Noisy Student): each round a fresh student learns from the previous round's final model.
 
     The first teacher is --pseudo-teacher, or a supervised run of the same config trained here as
     round 0. Rounds live in <run>/round-<k>/, each a complete run folder with its own config.json;
     <run>/rounds.csv gets one line per round as it finishes.
     """
     pseudo = config.pseudo
+    if config.run.resume == RESUME_AUTO:
+        raise UserInputError(f"--resume {RESUME_AUTO} continues a single run; to continue a student round, use "
+                             "--pseudo-teacher <its teacher> --pseudo-rounds 1 --resume <round folder>/checkpoints/last.ckpt")
     if config.run.resume and (pseudo.teacher is None or pseudo.rounds > 1):
         raise UserInputError("--resume continues a single run: resume a student round with --pseudo-teacher "
                              "<its teacher> --pseudo-rounds 1 --resume <its last.ckpt>")
@@ -256,18 +301,18 @@ def train_rounds(config: TrainConfig, callbacks: Sequence[pl.Callback] = ()) -> 
             else:
                 round_config = config.replace(pseudo={"teacher": teacher, "rounds": 1})
             rounds.append(fit_and_test(round_config, callbacks, top / f"round-{number}"))
-            teacher = str(rounds[-1].best_checkpoint)
+            teacher = str(rounds[-1].final_checkpoint)
             if first_process:
                 _write_rounds_table(top / ROUNDS_TABLE, rounds)
     last = rounds[-1]
-    return RunResult(config, top, last.best_checkpoint, last.test_metrics, rounds=tuple(rounds))
+    return RunResult(config, top, last.final_checkpoint, last.test_metrics, rounds=tuple(rounds))
 
 
 def _write_rounds_table(path: Path, rounds: Sequence[RunResult]) -> None:
     lines = [
         {"round": result.run_dir.name, "teacher": result.config.pseudo.teacher or "",
          **{name: (result.test_metrics or {}).get(name) for name in ("accuracy", "balanced_accuracy", "macro_f1")},
-         "checkpoint": str(result.best_checkpoint)}
+         "checkpoint": str(result.final_checkpoint)}
         for result in rounds
     ]
     pd.DataFrame(lines).to_csv(path, index=False)
@@ -280,8 +325,17 @@ def write_config(path: Path, config: TrainConfig, *, classes: Sequence[str] | No
     path.write_text(json.dumps({**config.to_dict(), RECORD_KEY: record}, indent=2))
 
 
-def report_run(trainer: pl.Trainer, datamodule: WasteDataModule, loggers, best: Path, run_dir: Path) -> dict | None:
-    """Rank 0, after training: curves, then the best checkpoint scored on the test split, sent to every logger."""
+def calibrate_run(checkpoint: Path, datamodule: WasteDataModule, device: torch.device) -> None:
+    """Rank 0: the final checkpoint gets its temperature from the validation split (never from test images)."""
+    layout = datamodule.layout
+    if layout.val is layout.test:
+        log.warning("--val-split 0 validates on the test split: not calibrating on test images (temperature 1)")
+        return
+    calibrate_checkpoint(checkpoint, datamodule.val_dataloader(), torch.tensor(layout.val.targets), device=device)
+
+
+def report_run(trainer: pl.Trainer, datamodule: WasteDataModule, loggers, final: Path, run_dir: Path) -> dict | None:
+    """Rank 0, after training: curves, then the final checkpoint scored on the test split, sent to every logger."""
     if (run_dir / "metrics.csv").is_file():
         plot_training_curves(run_dir / "metrics.csv", run_dir / "training_curves.png")
     metrics = None
@@ -293,13 +347,13 @@ def report_run(trainer: pl.Trainer, datamodule: WasteDataModule, loggers, best: 
     else:
         # One process, every test image once: DDP samplers would pad and duplicate images.
         metrics = evaluate_folder(
-            best, datamodule.layout.root / "test", run_dir, batch_size=datamodule.eval_batch_size,
+            final, datamodule.layout.root / "test", run_dir, batch_size=datamodule.eval_batch_size,
             num_workers=datamodule.num_workers, device=trainer.strategy.root_device,
         )
         artifacts = {"confusion_matrix": run_dir / "confusion_matrix.png",
                      "classification_report": run_dir / "classification_report.txt"}
         log_evaluation(loggers, metrics, artifacts, step=trainer.global_step)
-        print(f"\ntest metrics of {best}:\n{format_report(metrics)}\nrun folder: {run_dir}")
+        print(f"\ntest metrics of {final}:\n{format_report(metrics)}\nrun folder: {run_dir}")
         skipped |= set(metrics["skipped_images"])
     if skipped:
         (run_dir / SKIPPED_FILES).write_text("".join(f"{path}\n" for path in sorted(skipped)))

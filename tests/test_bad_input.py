@@ -1,5 +1,6 @@
 """Messy folders: broken files never stop a run and are listed; odd but valid images decode correctly."""
 
+import ast
 import io
 import json
 
@@ -8,7 +9,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import make_tree, train_args
+from conftest import REPO_ROOT, make_tree, train_args, write_image
 from detect_waste_cls.cli import main
 from detect_waste_cls.data.datamodule import DatasetLayout
 from detect_waste_cls.data.images import load_rgb, scan_images
@@ -122,7 +123,7 @@ def test_a_nan_loss_stops_training_with_one_message_and_keeps_the_last_good_chec
     assert saved["epoch"] == 0 and all(torch.isfinite(v).all() for v in saved["state_dict"].values() if v.is_floating_point())
 
 
-def test_tokens_never_reach_any_file_a_run_or_a_test_mode_writes(tmp_path, monkeypatch):
+def test_tokens_never_reach_any_file_a_run_a_test_mode_or_an_export_writes(tmp_path, monkeypatch):
     tokens = {name: f"fake-{name.lower()}-5e3cret" for name in ("NEPTUNE_API_TOKEN", "WANDB_API_KEY", "HF_TOKEN")}
     for name, value in tokens.items():
         monkeypatch.setenv(name, value)
@@ -131,8 +132,52 @@ def test_tokens_never_reach_any_file_a_run_or_a_test_mode_writes(tmp_path, monke
     assert main(train_args(data, tmp_path / "run", "--neptune")) == 0
     assert main(["test", "--data", str(data), "--checkpoint", str(tmp_path / "run" / "checkpoints" / "last.ckpt"),
                  "--out", str(tmp_path / "test"), "--num-workers", "0"]) == 0
-    written = [p for folder in ("run", "test") for p in (tmp_path / folder).rglob("*") if p.is_file()]
+    assert main(["export", "--checkpoint", str(tmp_path / "run" / "checkpoints" / "last.ckpt"),
+                 "--out", str(tmp_path / "export"), "--onnx"]) == 0
+    written = [p for folder in ("run", "test", "export") for p in (tmp_path / folder).rglob("*") if p.is_file()]
     assert len(written) > 10 and any(".neptune" in p.parts for p in written)
     for path in written:
         content = path.read_bytes()
         assert not any(value.encode() in content for value in tokens.values()), path
+
+
+def test_class_names_with_spaces_and_non_ascii_letters_go_through_training_test_and_export(tmp_path):
+    colours = {"plastic bottle": (30, 160, 60), "papier żółty": (220, 40, 40)}
+    for split, count in (("train", 8), ("test", 3)):
+        for index, (name, colour) in enumerate(colours.items()):
+            for i in range(count):
+                write_image(tmp_path / "data" / "images_square" / split / name / f"{name} {i}.png", colour,
+                            seed=100 * index + 10 * (split == "test") + i)
+    assert main(train_args(tmp_path / "data", tmp_path / "run")) == 0
+    classes = sorted(colours)
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text(encoding="utf-8"))["classes"] == classes
+    assert set(pd.read_csv(tmp_path / "run" / "predictions.csv").true) == set(colours)
+    assert main(["export", "--checkpoint", str(tmp_path / "run" / "checkpoints" / "last.ckpt"),
+                 "--out", str(tmp_path / "export")]) == 0
+    assert json.loads((tmp_path / "export" / "config.json").read_text(encoding="utf-8"))["classes"] == classes
+
+
+def test_nothing_in_the_package_runs_a_shell_eval_exec_or_unpickles():
+    """Static check of every module: user input (paths, uploads, checkpoints) never reaches code execution."""
+    problems = []
+    for path in sorted((REPO_ROOT / "detect_waste_cls").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            where = f"{path.relative_to(REPO_ROOT)}:{getattr(node, 'lineno', '?')}"
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                modules = [alias.name for alias in node.names] if isinstance(node, ast.Import) else [node.module]
+                problems += [f"{where} imports {m}" for m in modules if m and m.split(".")[0] in ("pickle", "dill", "marshal")]
+            if not isinstance(node, ast.Call):
+                continue
+            name = node.func.id if isinstance(node.func, ast.Name) else getattr(node.func, "attr", "")
+            keywords = {k.arg: k.value for k in node.keywords}
+            builtin = isinstance(node.func, ast.Name)  # eval(...), not model.eval()
+            if (builtin and name in ("eval", "exec")) or (name == "system" and not builtin):
+                problems.append(f"{where} calls {name}")
+            shell = keywords.get("shell")
+            if shell is not None and not (isinstance(shell, ast.Constant) and shell.value is False):
+                problems.append(f"{where} passes shell=")
+            if name == "load" and getattr(node.func, "value", None) is not None and ast.unparse(node.func.value) == "torch":
+                weights_only = keywords.get("weights_only")
+                if not (isinstance(weights_only, ast.Constant) and weights_only.value is True):
+                    problems.append(f"{where} torch.load without weights_only=True")
+    assert not problems, problems

@@ -34,7 +34,7 @@ def tiny_config(data, out, **pseudo) -> TrainConfig:
 def test_python_api_trains_exactly_like_the_cli(tiny_tree, tmp_path):
     pseudo = {"mode": "per_epoch", "start": 1, "threshold": 0.0}
     result = train(tiny_config(tiny_tree, tmp_path / "api", **pseudo))
-    assert result.run_dir == tmp_path / "api" and result.best_checkpoint.is_file()
+    assert result.run_dir == tmp_path / "api" and result.final_checkpoint.is_file()
     assert result.test_metrics == json.loads((result.run_dir / "metrics.json").read_text())
     assert main(train_args(tiny_tree, tmp_path / "cli", "--pseudo", "per_epoch", "--pseudo-start", "1",
                            "--pseudo-threshold", "0")) == 0
@@ -90,7 +90,7 @@ def test_the_model_the_datamodule_and_the_callback_share_one_pseudo_config():
     classifier = LitterClassifier(classes=["a", "b"], image_size=32, model=ModelConfig(name="simple-cnn"))
     # Built from Python with no settings, the classifier has the CLI's pseudo-labeling defaults, resolved.
     assert classifier.pseudo == PseudoConfig(start=OptimConfig.epochs // 2)
-    assert classifier.pseudo.threshold == 0.9 and classifier.pseudo.rampup == 5.0
+    assert classifier.pseudo.threshold == 0.9 and classifier.pseudo.rampup == 2.0
 
 
 def test_configs_are_frozen_and_checked_when_built():
@@ -105,7 +105,9 @@ def test_configs_are_frozen_and_checked_when_built():
 def test_teacher_settings_resolve_to_teacher_mode_and_conflicts_are_one_line_errors():
     assert PseudoConfig(teacher="t.ckpt").resolved(epochs=10).mode == "teacher"
     assert PseudoConfig(mode="teacher").resolved(epochs=10).start == 0  # a fixed teacher's labels are ready at once
-    assert PseudoConfig(mode="per_batch").resolved(epochs=10).start == 5
+    assert PseudoConfig(mode="per_batch").resolved(epochs=10).start == 5  # from scratch: half-way
+    assert PseudoConfig(mode="per_batch").resolved(epochs=12, probe_epochs=3).start == 3  # lp-ft: after the probe
+    assert PseudoConfig(mode="per_batch").resolved(epochs=12, probe_epochs=12).start == 6  # linear: half-way
     with pytest.raises(UserInputError, match="cannot be combined with --pseudo per_batch"):
         PseudoConfig(mode="per_batch", teacher="t.ckpt").resolved(epochs=10)
     with pytest.raises(UserInputError, match="--pseudo-rounds 0"):

@@ -84,11 +84,15 @@ def test_predict_writes_top_k_per_image(trained_run, tmp_path):
                  str(data / "images_square" / "test"), "--out", str(csv)]) == 2  # never overwrites
 
 
-def test_resume_refuses_a_checkpoint_from_another_class_list(trained_run, tmp_path, capsys):
-    _, out = trained_run
+def test_resume_refuses_a_checkpoint_of_another_model_or_class_list_naming_both(trained_run, tmp_path, capsys):
+    data, out = trained_run
+    last = out / "checkpoints" / "last.ckpt"
+    assert main(train_args(data, tmp_path / "m", "--resume", str(last))) == 2  # train_args trains simple-cnn
+    assert f"{last} holds model efficientnet-b0, but --model is simple-cnn" in capsys.readouterr().err
     other = make_tree(tmp_path / "other", {"train": {"glass": 4, "paper": 4}})
-    assert main(train_args(other, tmp_path / "r", "--resume", str(out / "checkpoints" / "last.ckpt"))) == 2
-    assert "trained on classes" in capsys.readouterr().err
+    assert main(train_args(other, tmp_path / "r", "--model", "efficientnet-b0", "--resume", str(last))) == 2
+    assert ("trained on classes ['glass', 'metal', 'paper'], but the data has ['glass', 'paper']"
+            in capsys.readouterr().err)
 
 
 def test_more_gpus_than_exist_is_one_clear_line():
@@ -210,6 +214,6 @@ def test_last_checkpoint_is_the_latest_epoch_whichever_epoch_was_best(tiny_tree,
         run={"out": str(tmp_path / "run"), "accelerator": "cpu", "progress_bar": False},
     )
     result = train(config, callbacks=[BreakTheHeadAfterEpochZero()])
-    assert result.best_checkpoint.name == "best-epoch=00.ckpt"
+    assert result.final_checkpoint.name == "best-epoch=00.ckpt"
     last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
     assert last["epoch"] == 2

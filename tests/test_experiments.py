@@ -84,6 +84,9 @@ def test_rerun_skips_done_rows_and_sets_interrupted_ones_aside(smoke_results, ca
 def test_results_notebook_runs_on_smoke_output(smoke_results, monkeypatch):
     _, results = smoke_results
     monkeypatch.setenv("DWC_TABLE", str(results / "table.csv"))
+    # Importing streamlit (the app tests do) sets MPLBACKEND=Agg process-wide, and the kernel would inherit it
+    # and draw no inline figures.
+    monkeypatch.delenv("MPLBACKEND", raising=False)
     notebook = nbformat.read(REPO_ROOT / "notebooks" / "results.ipynb", as_version=4)
     NotebookClient(notebook, timeout=120, kernel_name="python3",
                    resources={"metadata": {"path": str(REPO_ROOT / "notebooks")}}).execute()

@@ -139,6 +139,9 @@ class WasteDataModule(pl.LightningDataModule):
         self.eval_batch_size = 4 * data.batch_size
         self.num_workers = data.num_workers if data.num_workers is not None else default_num_workers()
         self.weighted_sampler = data.weighted_sampler
+        if data.epoch_repeats <= 0:
+            raise UserInputError(f"--epoch-repeats {data.epoch_repeats}: must be above 0")
+        self.epoch_repeats = data.epoch_repeats
         self.seed = seed
         self.pseudo_seed = seed + 1
         self.pseudo_mode = pseudo.mode
@@ -200,22 +203,16 @@ class WasteDataModule(pl.LightningDataModule):
     def train_dataloader(self):
         rank, world = self._rank_and_world()
         dataset = self.labeled_dataset(self.layout.train, train=True)
+        draws = max(1, round(len(dataset) * self.epoch_repeats))
         # A last batch of one image breaks batch norm, so drop the ragged tail when we can afford it.
-        drop_last = len(dataset) >= self.batch_size * world
-        sampler = None
-        if self.weighted_sampler:
-            weights = inverse_frequency_weights(self.layout.train.targets, len(self.classes))
-            sampler = EpochDrawSampler(
-                dataset, num_samples=len(dataset), weights=weights, num_replicas=world, rank=rank, seed=self.seed
-            )
-        loaders = {
-            keys.LABELED: self._loader(
-                dataset, batch_size=self.batch_size, shuffle=sampler is None, sampler=sampler, drop_last=drop_last
-            )
-        }
+        drop_last = draws >= self.batch_size * world
+        # The draw is seeded by (seed, epoch), so a resumed epoch sees the same images in the same order.
+        weights = inverse_frequency_weights(self.layout.train.targets, len(self.classes)) if self.weighted_sampler else None
+        sampler = EpochDrawSampler(dataset, num_samples=draws, weights=weights, num_replicas=world, rank=rank,
+                                   seed=self.seed)
+        loaders = {keys.LABELED: self._loader(dataset, batch_size=self.batch_size, sampler=sampler, drop_last=drop_last)}
         if self.pseudo_mode != "none":
-            per_rank = math.ceil(len(dataset) / world)
-            labeled_batches = per_rank // self.batch_size if drop_last else math.ceil(per_rank / self.batch_size)
+            labeled_batches = len(sampler) // self.batch_size if drop_last else math.ceil(len(sampler) / self.batch_size)
             pseudo = self.pseudo_dataset(train=True)
             pseudo_sampler = EpochDrawSampler(
                 pseudo,

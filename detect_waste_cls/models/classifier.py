@@ -9,6 +9,7 @@ from functools import partial
 from pathlib import Path
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -18,6 +19,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
 from detect_waste_cls.config import ModelConfig, OptimConfig, PseudoConfig
 from detect_waste_cls.data import batch as keys
+from detect_waste_cls.data.transforms import EvalPreset
 from detect_waste_cls.errors import UserInputError
 from detect_waste_cls.models.backbones import Normalization, create_backbone, get_backbone, load_torch_file
 from detect_waste_cls.pseudo.loss import linear_rampup, masked_pseudo_label_loss
@@ -74,7 +76,7 @@ class LitterClassifier(pl.LightningModule):
         super().__init__()
         model = resolve_model(model)
         self.optim = optim.resolved(starts_from_weights=bool(model.pretrained or model.weights))
-        self.pseudo = pseudo.resolved(epochs=self.optim.epochs)
+        self.pseudo = pseudo.resolved(epochs=self.optim.epochs, probe_epochs=self.optim.probe_epochs)
         # Plain values only, so checkpoints load with weights_only=True.
         self.save_hyperparameters({
             "classes": list(classes), "image_size": image_size, "model": dataclasses.asdict(model),
@@ -86,6 +88,8 @@ class LitterClassifier(pl.LightningModule):
         head_ids = {id(p) for p in self.head.parameters()}
         # A plain list, not registered: the parameters stay where the state dict has them (under `model.`).
         self.backbone_parameters = [p for p in self.model.parameters() if id(p) not in head_ids]
+        # Temperature scaling (calibration.py): set after training, stored in the checkpoint, 1 until then.
+        self.temperature = 1.0
         self.train_metrics = _metrics(len(classes), "train/")
         self.val_metrics = _metrics(len(classes), "val/")
 
@@ -173,23 +177,54 @@ class LitterClassifier(pl.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [head, backbone])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
+    def eval_view(self) -> EvalPreset:
+        """The transform this model predicts through: its own input size and normalization."""
+        return EvalPreset(size=self.image_size, normalization=self.normalization)
+
+    def calibrated(self, logits: torch.Tensor) -> torch.Tensor:
+        """Probabilities after temperature scaling (temperature 1 until calibration sets it)."""
+        return (logits.float() / self.temperature).softmax(dim=1)
+
     @torch.inference_mode()
-    def predict_loader(self, loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
-        """Softmax probabilities and dataset indices for every item of `loader`, in eval mode."""
+    def predict_logits(self, loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw logits and dataset indices for every item of `loader`, in eval mode."""
         was_training = {name: module.training for name, module in self.named_modules()}
         self.eval()
-        probabilities, indices = [], []
+        logits, indices = [], []
         try:
             for batch in loader:
-                logits = self(batch[keys.IMAGE].to(self.device, non_blocking=True))
-                probabilities.append(logits.float().softmax(dim=1).cpu())
+                logits.append(self(batch[keys.IMAGE].to(self.device, non_blocking=True)).float().cpu())
                 indices.append(torch.as_tensor(batch[keys.INDEX]).cpu())
         finally:
             for name, module in self.named_modules():  # per module: a frozen backbone stays in eval mode
                 module.train(was_training[name])
-        if not probabilities:
+        if not logits:
             return torch.empty(0, len(self.classes)), torch.empty(0, dtype=torch.long)
-        return torch.cat(probabilities), torch.cat(indices)
+        return torch.cat(logits), torch.cat(indices)
+
+    def predict_loader(self, loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
+        """Calibrated probabilities and dataset indices for every item of `loader`, in eval mode."""
+        logits, indices = self.predict_logits(loader)
+        return self.calibrated(logits), indices
+
+    @torch.inference_mode()
+    def predict_images(self, images: Sequence[np.ndarray], *, flip_tta: bool = False) -> torch.Tensor:
+        """Calibrated probabilities for RGB uint8 arrays (as `load_rgb` gives); flip_tta averages in the mirror image."""
+        view = self.eval_view()
+        batch = torch.stack([view(image) for image in images]).to(self.device)
+        was_training = self.training
+        self.eval()
+        try:
+            probabilities = self.calibrated(self(batch))
+            if flip_tta:
+                probabilities = (probabilities + self.calibrated(self(batch.flip(dims=[3])))) / 2
+        finally:
+            self.train(was_training)
+        return probabilities.cpu()
+
+
+# Where calibration.py stores its result in a checkpoint: {"temperature": T, ...}, plain values.
+CALIBRATION_KEY = "calibration"
 
 
 def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") -> LitterClassifier:
@@ -205,4 +240,5 @@ def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") 
         optim=OptimConfig(**hparams["optim"]), pseudo=PseudoConfig(**hparams["pseudo"]),
     )
     model.load_state_dict(checkpoint["state_dict"])
+    model.temperature = checkpoint.get(CALIBRATION_KEY, {}).get("temperature", 1.0)
     return model

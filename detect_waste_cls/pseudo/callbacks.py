@@ -13,7 +13,6 @@ from torch.utils.data import DataLoader
 
 from detect_waste_cls.config import PseudoConfig
 from detect_waste_cls.data import batch as keys
-from detect_waste_cls.data.transforms import EvalPreset
 from detect_waste_cls.errors import UserInputError
 from detect_waste_cls.models.classifier import load_classifier
 from detect_waste_cls.models.ema import find_ema_teacher
@@ -141,8 +140,8 @@ class PseudoLabelRefresh(pl.Callback):
             raise UserInputError(f"--pseudo-teacher {self.config.teacher} was trained on classes {teacher.classes}, "
                                  f"but the data has {self.classes}")
         # The teacher sees the images as it was trained to, whatever the student's size and normalization.
-        view = EvalPreset(size=teacher.image_size, normalization=teacher.normalization)
-        loader = trainer.datamodule.pseudo_inference_dataloader(trainer.global_rank, trainer.world_size, view=view)
+        loader = trainer.datamodule.pseudo_inference_dataloader(trainer.global_rank, trainer.world_size,
+                                                                view=teacher.eval_view())
         self._relabel(trainer, teacher, loader)
         if trainer.is_global_zero:
             log.info("teacher %s labeled %d pseudolabel images", self.config.teacher, self._seen)

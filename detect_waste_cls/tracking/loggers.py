@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv as csv_module
 import importlib.util
 import os
 import warnings
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.loggers import CSVLogger, Logger
+from lightning.pytorch.utilities import rank_zero_only
 
 from detect_waste_cls.config import LOGGER_NAMES
 from detect_waste_cls.errors import UserInputError
@@ -36,13 +38,20 @@ def _require(extra: str, *modules: str) -> None:
 
 def _csv(run: RunIdentity) -> Logger:
     # Empty name and version: Lightning then writes run_dir/metrics.csv and run_dir/hparams.yaml.
-    csv = CSVLogger(save_dir=run.run_dir, name="", version="")
-    if not (run.run_dir / "metrics.csv").exists():
-        # Lightning warns that old logs "will be deleted" for any non-empty folder (config.json,
-        # checkpoints); only an existing metrics.csv is at stake, so open the writer now, quietly.
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Experiment logs directory")
-            csv.experiment  # noqa: B018
+    # Flushed at every logging call, so a killed run has every finished epoch on disk.
+    csv = CSVLogger(save_dir=run.run_dir, name="", version="", flush_logs_every_n_steps=1)
+    # Lightning deletes an existing metrics.csv when it opens its writer; a run continued with --resume auto
+    # keeps the rows of its earlier epochs, handed to the writer to be written first.
+    earlier = run.run_dir / "metrics.csv"
+    kept = []
+    if earlier.is_file():
+        with earlier.open(newline="") as rows:
+            kept = list(csv_module.DictReader(rows))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Experiment logs directory")
+        writer = csv.experiment  # on DDP ranks other than 0, a stand-in that writes nothing
+    if kept and rank_zero_only.rank == 0:
+        writer.metrics.extend(kept)
     return csv
 
 

@@ -1,0 +1,83 @@
+"""Temperature scaling (Guo et al., 2017): one scalar fitted on the validation split by minimising NLL with
+LBFGS, stored in the checkpoint; and the expected calibration error (ECE) that judges it."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from torchmetrics.functional.classification import multiclass_calibration_error
+
+from detect_waste_cls.models.backbones import load_torch_file
+from detect_waste_cls.models.classifier import CALIBRATION_KEY, load_classifier
+
+log = logging.getLogger(__name__)
+
+ECE_BINS = 15
+MAX_LBFGS_STEPS = 100
+# A validation split the model gets all right pushes the fit towards T -> 0 (ever more confident); the NLL is
+# convex in 1/T, so clamping the unconstrained optimum gives the best temperature inside this range.
+TEMPERATURE_RANGE = (0.25, 10.0)
+
+
+def fit_temperature(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """The temperature T that minimises the NLL of softmax(logits / T), within TEMPERATURE_RANGE; argmax, so
+    accuracy, is unchanged."""
+    log_temperature = torch.zeros(1, requires_grad=True)  # T = exp(.) stays positive
+    optimizer = torch.optim.LBFGS([log_temperature], max_iter=MAX_LBFGS_STEPS, line_search_fn="strong_wolfe")
+    logits = logits.detach().float().clone()  # logits made under inference_mode cannot enter autograd as they are
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(logits / log_temperature.exp(), targets.clone())
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    fitted = log_temperature.detach().exp().item()
+    low, high = TEMPERATURE_RANGE
+    if not low <= fitted <= high:
+        log.warning("temperature %.3g is outside %s, kept at the nearest end: the %d validation images cannot pin "
+                    "it down", fitted, TEMPERATURE_RANGE, len(targets))
+    return min(max(fitted, low), high)
+
+
+def expected_calibration_error(probabilities: torch.Tensor, targets: torch.Tensor) -> float:
+    """ECE over ECE_BINS equal-width confidence bins (torchmetrics, L1 norm)."""
+    return float(multiclass_calibration_error(probabilities, targets, num_classes=probabilities.shape[1],
+                                              n_bins=ECE_BINS, norm="l1"))
+
+
+def calibration_summary(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> dict[str, float]:
+    """NLL and ECE at temperature 1 and at `temperature`."""
+    logits = logits.float()
+    return {
+        "temperature": temperature,
+        "nll_uncalibrated": float(F.cross_entropy(logits, targets)),
+        "nll": float(F.cross_entropy(logits / temperature, targets)),
+        "ece_uncalibrated": expected_calibration_error(logits.softmax(dim=1), targets),
+        "ece": expected_calibration_error((logits / temperature).softmax(dim=1), targets),
+    }
+
+
+def calibrate_checkpoint(checkpoint: str | Path, loader: DataLoader, targets: torch.Tensor,
+                         device: str | torch.device = "cpu") -> dict[str, float]:
+    """Fit the temperature on `loader` (eval view of labeled images whose classes are `targets`, by dataset index)
+    and write it into the checkpoint file, atomically; returns the fit's summary on those images."""
+    checkpoint = Path(checkpoint)
+    model = load_classifier(checkpoint).to(device)
+    logits, indices = model.predict_logits(loader)
+    targets = torch.as_tensor(targets)[indices]
+    summary = {**calibration_summary(logits, targets, fit_temperature(logits, targets)), "images": len(targets)}
+    contents = load_torch_file(checkpoint, "checkpoint")
+    contents[CALIBRATION_KEY] = summary
+    partial = checkpoint.with_name(checkpoint.name + ".partial")
+    torch.save(contents, partial)
+    os.replace(partial, checkpoint)  # a crash leaves the old file whole, never half of the new one
+    log.info("calibration: temperature %.3f fitted on %d validation images (ECE %.4f -> %.4f)",
+             summary["temperature"], summary["images"], summary["ece_uncalibrated"], summary["ece"])
+    return summary

@@ -1,0 +1,226 @@
+"""A checkpoint as a shippable Hugging Face-style folder (config.json, model.safetensors, README.md model card,
+optionally model.onnx), `load_pretrained` to get it back, and `load_model` for either form."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model as load_safetensors
+from safetensors.torch import save_model as save_safetensors
+
+from detect_waste_cls import __version__
+from detect_waste_cls.config import ModelConfig
+from detect_waste_cls.errors import UserInputError
+from detect_waste_cls.models.classifier import LitterClassifier, load_classifier
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+ONNX_FILE = "model.onnx"
+CARD_FILE = "README.md"
+METRICS_FILE = "metrics.json"  # the run's test metrics, copied so the app can show them
+ONNX_TOLERANCE = 1e-4
+HF_TOKEN_ENV = "HF_TOKEN"
+
+
+def is_exported_folder(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file()
+
+
+def load_model(path: str | Path) -> LitterClassifier:
+    """A ready-to-predict model from a checkpoint file or an exported folder."""
+    path = Path(path)
+    if path.is_dir():
+        return load_pretrained(path)
+    if not path.is_file():
+        raise UserInputError(f"model not found: {path} (give a .ckpt file or an exported folder)")
+    return load_classifier(path)
+
+
+def load_pretrained(folder: str | Path) -> LitterClassifier:
+    """The model of an exported folder, in eval mode, with its eval transform (`eval_view()`) and temperature."""
+    folder = Path(folder)
+    if not is_exported_folder(folder):
+        raise UserInputError(f"{folder} is not an exported model folder: it needs {CONFIG_FILE} and {WEIGHTS_FILE}")
+    try:
+        config = json.loads((folder / CONFIG_FILE).read_text())
+        model = LitterClassifier(classes=config["classes"], image_size=config["image_size"],
+                                 model=ModelConfig(name=config["model"], pretrained=False))
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise UserInputError(f"{folder / CONFIG_FILE} is not a detect-waste-cls model config: {error!r}") from None
+    load_safetensors(model.model, str(folder / WEIGHTS_FILE))
+    model.temperature = float(config.get("temperature", 1.0))
+    return model.eval()
+
+
+def read_run_metrics(checkpoint: Path) -> dict | None:
+    """The test metrics of the run a checkpoint belongs to (<run>/checkpoints/x.ckpt -> <run>/metrics.json)."""
+    metrics_file = checkpoint.resolve().parent.parent / METRICS_FILE
+    return json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
+
+
+def model_metrics(path: str | Path) -> dict | None:
+    """Test metrics for a checkpoint (its run's metrics.json) or an exported folder (its copy), if there are any."""
+    path = Path(path)
+    if path.is_dir():
+        return json.loads((path / METRICS_FILE).read_text()) if (path / METRICS_FILE).is_file() else None
+    return read_run_metrics(path)
+
+
+def export_model(checkpoint: str | Path, out: str | Path, *, onnx: bool = False, push_to_hub: str | None = None) -> Path:
+    """Write config.json, model.safetensors, README.md (and model.onnx) into a new folder; optionally upload it."""
+    checkpoint, out = Path(checkpoint), Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserInputError(f"{out} already exists and is not empty; choose another --out")
+    if push_to_hub and not os.environ.get(HF_TOKEN_ENV):
+        raise UserInputError(f"--push-to-hub needs a Hugging Face token in ${HF_TOKEN_ENV}")
+    model = load_classifier(checkpoint).eval()
+    metrics = read_run_metrics(checkpoint)
+    run_config = checkpoint.resolve().parent.parent / CONFIG_FILE
+    out.mkdir(parents=True, exist_ok=True)
+    config = {
+        "library": "detect-waste-cls",
+        "version": __version__,
+        "model": model.hparams["model"]["name"],
+        "classes": model.classes,
+        "image_size": model.image_size,
+        "normalization": {"mean": list(model.normalization[0]), "std": list(model.normalization[1])},
+        "temperature": model.temperature,
+        "input": "RGB, resized to image_size x image_size, scaled to [0, 1], then (x - mean) / std",
+        "onnx_output": "logits already divided by temperature: softmax gives calibrated probabilities",
+    }
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    save_safetensors(model.model, str(out / WEIGHTS_FILE))
+    if metrics is not None:
+        (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+    training = json.loads(run_config.read_text()) if run_config.is_file() else None
+    (out / CARD_FILE).write_text(model_card(config, metrics, training))
+    if onnx:
+        export_onnx(model, out / ONNX_FILE)
+    log.info("exported %s to %s", checkpoint, out)
+    if push_to_hub:
+        upload_folder(out, push_to_hub)
+    return out
+
+
+class _CalibratedLogits(torch.nn.Module):
+    """What model.onnx computes: logits / temperature."""
+
+    def __init__(self, model: LitterClassifier):
+        super().__init__()
+        self.model, self.temperature = model.model, model.temperature
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images) / self.temperature
+
+
+def export_onnx(model: LitterClassifier, path: Path) -> Path:
+    """model.onnx with a dynamic batch size, checked against PyTorch with onnxruntime on a batch of 2."""
+    try:
+        import onnx  # noqa: F401  (torch.onnx.export writes through it)
+        import onnxruntime
+    except ImportError:
+        raise UserInputError("--onnx needs the onnx and onnxruntime packages: pip install 'detect-waste-cls[onnx]'") from None
+
+    wrapped = _CalibratedLogits(model).eval()
+    example = torch.randn(2, 3, model.image_size, model.image_size)
+    torch.onnx.export(
+        wrapped, (example,), str(path), input_names=["images"], output_names=["logits"],
+        dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False,
+    )
+    with torch.inference_mode():
+        expected = wrapped(example).numpy()
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(["logits"], {"images": example.numpy()})[0]
+    difference = float(abs(got - expected).max())
+    if difference > ONNX_TOLERANCE:
+        raise RuntimeError(f"{path}: onnxruntime differs from PyTorch by {difference:.2e} (> {ONNX_TOLERANCE})")
+    return path
+
+
+def model_card(config: dict, metrics: dict | None, training: dict | None) -> str:
+    """README.md of an exported folder: what the model is, how well it did, what it is for and not for."""
+    classes = ", ".join(config["classes"])
+    lines = [
+        "---",
+        "library_name: detect-waste-cls",
+        "tags: [image-classification, waste, recycling, litter]",
+        "---",
+        f"# {config['model']} waste classifier",
+        "",
+        f"Classifies a photo of one waste object into one of {len(config['classes'])} classes: {classes}.",
+        f"Input: RGB, {config['image_size']} x {config['image_size']} px, normalized with mean "
+        f"{config['normalization']['mean']} and std {config['normalization']['std']}. "
+        f"Confidences are calibrated by temperature scaling (T = {config['temperature']:.3f}).",
+        "",
+        "## Use",
+        "```python",
+        "from detect_waste_cls import load_pretrained",
+        "model = load_pretrained(\"THIS_FOLDER\")",
+        "probabilities = model.predict_images([rgb_uint8_array])",
+        "```",
+        "or `detect-waste-cls predict --checkpoint THIS_FOLDER --images PHOTOS --out predictions.csv`, or "
+        "`detect-waste-cls app --model THIS_FOLDER`.",
+        "",
+        "## Test metrics",
+    ]
+    if metrics is None:
+        lines.append("The run had no test split: no metrics.")
+    else:
+        lines += [
+            f"{metrics['num_images']} test images.",
+            "",
+            "| metric | value |",
+            "|---|---|",
+            *(f"| {name} | {metrics[name]:.4f} |" for name in
+              ("accuracy", "balanced_accuracy", "macro_f1", "ece_uncalibrated", "ece") if name in metrics),
+            "",
+            "| class | precision | recall | F1 | test images |",
+            "|---|---|---|---|---|",
+            *(f"| {name} | {row['precision']:.4f} | {row['recall']:.4f} | {row['f1']:.4f} | {row['support']} |"
+              for name, row in metrics["per_class"].items()),
+        ]
+    lines += ["", "## Training data"]
+    if training is None:
+        lines.append("Unknown: the run's config.json was not found next to the checkpoint.")
+    else:
+        data, pseudo, optim = training["data"], training["pseudo"], training["optim"]
+        lines.append(
+            f"Trained by detect-waste-cls {config['version']} on `{data['root']}` ({data['image_size']} px, "
+            f"{optim['epochs']} epochs, fine-tuning {optim['finetune']}, pseudo-labeling {pseudo['mode']}); "
+            f"the run's full config is replayable with `--config`.")
+    lines += [
+        "",
+        "## Intended use and limits",
+        "- Sorting aids and litter surveys: one object per photo, roughly centred, in the classes above.",
+        "- Every photo gets one of these classes: an object of another kind, or several objects, get a wrong "
+        "answer with a possibly high confidence. Check low-confidence predictions by hand.",
+        "- The metrics hold for images like the test split; other cameras, lighting or backgrounds can do worse. "
+        "Measure on your own labeled sample (`detect-waste-cls test`) before relying on it.",
+        "- Not for safety-critical decisions (hazardous or medical waste).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def upload_folder(folder: Path, repo_id: str) -> str:
+    """Upload an exported folder to the Hugging Face Hub with $HF_TOKEN; network or auth trouble is one line."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=os.environ.get(HF_TOKEN_ENV))
+    try:
+        api.create_repo(repo_id, exist_ok=True)
+        commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id)
+    # Any failure of these two calls: huggingface_hub's HTTP errors, and its HTTP client's connection errors,
+    # whose classes change with its versions (requests, httpx, httpx2).
+    except Exception as error:  # noqa: BLE001
+        raise UserInputError(f"could not push {folder} to the Hugging Face Hub as {repo_id}: "
+                             f"{type(error).__name__}: {str(error).splitlines()[0]}") from None
+    log.info("pushed %s to %s", folder, commit)
+    return str(commit)

@@ -1,0 +1,109 @@
+"""Export: a Hugging Face-style folder that predicts exactly like the checkpoint, in PyTorch and in ONNX."""
+
+import json
+import subprocess
+
+import numpy as np
+import onnxruntime
+import pandas as pd
+import pytest
+import torch
+
+from conftest import COLOURS, PYTHON, REPO_ROOT, make_tree, train_args, write_image
+from detect_waste_cls import load_pretrained
+from detect_waste_cls.cli import main
+from detect_waste_cls.data.images import load_rgb
+from detect_waste_cls.export import CONFIG_FILE, ONNX_FILE, WEIGHTS_FILE, export_model
+from detect_waste_cls.models.classifier import load_classifier
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A calibrated simple-cnn run, and its export with ONNX through the CLI."""
+    root = tmp_path_factory.mktemp("export")
+    data = make_tree(root / "data", {"train": {name: 10 for name in COLOURS}, "test": {name: 3 for name in COLOURS}})
+    assert main(train_args(data, root / "run", "--val-split", "0.3")) == 0
+    checkpoint = next((root / "run" / "checkpoints").glob("best-*.ckpt"))
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(root / "model"), "--onnx"]) == 0
+    return data, checkpoint, root / "model"
+
+
+def test_exported_folder_predicts_like_the_checkpoint(exported):
+    data, checkpoint, folder = exported
+    original, restored = load_classifier(checkpoint).eval(), load_pretrained(folder)
+    images = torch.randn(5, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.equal(original(images), restored(images))
+    assert restored.temperature == original.temperature != 1.0
+    assert restored.classes == original.classes and restored.image_size == 32
+    assert restored.normalization == original.normalization
+    photo = [load_rgb(next((data / "images_square" / "test" / "paper").iterdir()))]
+    assert torch.equal(original.predict_images(photo), restored.predict_images(photo))
+    assert restored.classes[int(restored.predict_images(photo).argmax())] == "paper"
+
+
+def test_onnx_agrees_with_pytorch_at_any_batch_size(exported):
+    _, checkpoint, folder = exported
+    model = load_classifier(checkpoint).eval()
+    session = onnxruntime.InferenceSession(str(folder / ONNX_FILE), providers=["CPUExecutionProvider"])
+    for batch in (1, 7):
+        images = torch.randn(batch, 3, 32, 32)
+        with torch.inference_mode():
+            expected = (model(images) / model.temperature).numpy()
+        got = session.run(None, {"images": images.numpy()})[0]
+        assert np.abs(got - expected).max() < 1e-4
+
+
+def test_config_and_model_card_describe_the_model(exported):
+    _, checkpoint, folder = exported
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    model = load_classifier(checkpoint)
+    assert config["model"] == "simple-cnn" and config["classes"] == model.classes and config["image_size"] == 32
+    assert config["normalization"] == {"mean": list(model.normalization[0]), "std": list(model.normalization[1])}
+    assert config["temperature"] == model.temperature
+    card = (folder / "README.md").read_text()
+    metrics = json.loads((checkpoint.parent.parent / "metrics.json").read_text())
+    assert f"| accuracy | {metrics['accuracy']:.4f} |" in card
+    assert f"| ece | {metrics['ece']:.4f} |" in card
+    assert "## Intended use and limits" in card and "simple-cnn" in card
+
+
+def test_predict_takes_an_exported_folder_and_matches_the_checkpoint(exported, tmp_path):
+    data, checkpoint, folder = exported
+    images = data / "images_square" / "test"
+    assert main(["predict", "--checkpoint", str(checkpoint), "--images", str(images), "--out", str(tmp_path / "a.csv")]) == 0
+    assert main(["predict", "--checkpoint", str(folder), "--images", str(images), "--out", str(tmp_path / "b.csv")]) == 0
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "a.csv"), pd.read_csv(tmp_path / "b.csv"))
+
+
+def test_export_never_writes_into_a_folder_that_has_files(exported, tmp_path, capsys):
+    _, checkpoint, _ = exported
+    mine = write_image(tmp_path / "mine" / "photo.png", (1, 2, 3))
+    before = mine.read_bytes()
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "mine")]) == 2
+    assert "already exists and is not empty" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["photo.png"] and mine.read_bytes() == before
+
+
+def test_push_to_hub_without_a_token_is_one_line_and_writes_nothing(exported, tmp_path, capsys, monkeypatch):
+    _, checkpoint, _ = exported
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "m"), "--push-to-hub", "me/x"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --push-to-hub needs a Hugging Face token in $HF_TOKEN"
+    assert not (tmp_path / "m").exists()
+
+
+def test_push_to_hub_without_a_network_is_one_line_that_hides_the_token(exported, tmp_path):
+    _, checkpoint, _ = exported
+    token = "hf_FAKEtoken0123456789"
+    env = {"HF_TOKEN": token, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_ETAG_TIMEOUT": "2", "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(
+        [PYTHON, "-m", "detect_waste_cls.cli", "export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "m"),
+         "--push-to-hub", "me/waste"], capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=300,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    error_lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and "could not push" in error_lines[0] and "me/waste" in error_lines[0]
+    assert "Traceback" not in done.stderr
+    assert token not in done.stdout + done.stderr
+    assert (tmp_path / "m" / WEIGHTS_FILE).is_file()  # the export itself stays, ready for a later upload

@@ -59,10 +59,10 @@ def load_pretrained(folder: str | Path) -> LitterClassifier:
     return model.eval()
 
 
-def read_run_metrics(checkpoint: Path) -> dict | None:
-    """The test metrics of the run a checkpoint belongs to (<run>/checkpoints/x.ckpt -> <run>/metrics.json)."""
-    metrics_file = checkpoint.resolve().parent.parent / METRICS_FILE
-    return json.loads(metrics_file.read_text()) if metrics_file.is_file() else None
+def read_run_file(checkpoint: Path, name: str) -> dict | None:
+    """A JSON file of the run a checkpoint belongs to (<run>/checkpoints/x.ckpt -> <run>/<name>), if it is there."""
+    path = checkpoint.resolve().parent.parent / name
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def model_metrics(path: str | Path) -> dict | None:
@@ -70,7 +70,7 @@ def model_metrics(path: str | Path) -> dict | None:
     path = Path(path)
     if path.is_dir():
         return json.loads((path / METRICS_FILE).read_text()) if (path / METRICS_FILE).is_file() else None
-    return read_run_metrics(path)
+    return read_run_file(path, METRICS_FILE)
 
 
 def export_model(checkpoint: str | Path, out: str | Path, *, onnx: bool = False, push_to_hub: str | None = None) -> Path:
@@ -81,8 +81,7 @@ def export_model(checkpoint: str | Path, out: str | Path, *, onnx: bool = False,
     if push_to_hub and not os.environ.get(HF_TOKEN_ENV):
         raise UserInputError(f"--push-to-hub needs a Hugging Face token in ${HF_TOKEN_ENV}")
     model = load_classifier(checkpoint).eval()
-    metrics = read_run_metrics(checkpoint)
-    run_config = checkpoint.resolve().parent.parent / CONFIG_FILE
+    metrics, training = read_run_file(checkpoint, METRICS_FILE), read_run_file(checkpoint, CONFIG_FILE)
     out.mkdir(parents=True, exist_ok=True)
     config = {
         "library": "detect-waste-cls",
@@ -99,7 +98,6 @@ def export_model(checkpoint: str | Path, out: str | Path, *, onnx: bool = False,
     save_safetensors(model.model, str(out / WEIGHTS_FILE))
     if metrics is not None:
         (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
-    training = json.loads(run_config.read_text()) if run_config.is_file() else None
     (out / CARD_FILE).write_text(model_card(config, metrics, training))
     if onnx:
         export_onnx(model, out / ONNX_FILE)

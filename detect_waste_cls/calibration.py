@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from torchmetrics.functional.classification import multiclass_calibration_error
 
 from detect_waste_cls.models.backbones import load_torch_file
-from detect_waste_cls.models.classifier import CALIBRATION_KEY, load_classifier
+from detect_waste_cls.models.classifier import CALIBRATION_KEY, load_classifier, temperature_scaled
 
 log = logging.getLogger(__name__)
 
@@ -29,11 +29,12 @@ def fit_temperature(logits: torch.Tensor, targets: torch.Tensor) -> float:
     accuracy, is unchanged."""
     log_temperature = torch.zeros(1, requires_grad=True)  # T = exp(.) stays positive
     optimizer = torch.optim.LBFGS([log_temperature], max_iter=MAX_LBFGS_STEPS, line_search_fn="strong_wolfe")
-    logits = logits.detach().float().clone()  # logits made under inference_mode cannot enter autograd as they are
+    # Tensors made under inference_mode cannot enter autograd as they are.
+    logits, targets = logits.detach().float().clone(), targets.clone()
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        loss = F.cross_entropy(logits / log_temperature.exp(), targets.clone())
+        loss = F.cross_entropy(logits / log_temperature.exp(), targets)
         loss.backward()
         return loss
 
@@ -59,8 +60,8 @@ def calibration_summary(logits: torch.Tensor, targets: torch.Tensor, temperature
         "temperature": temperature,
         "nll_uncalibrated": float(F.cross_entropy(logits, targets)),
         "nll": float(F.cross_entropy(logits / temperature, targets)),
-        "ece_uncalibrated": expected_calibration_error(logits.softmax(dim=1), targets),
-        "ece": expected_calibration_error((logits / temperature).softmax(dim=1), targets),
+        "ece_uncalibrated": expected_calibration_error(temperature_scaled(logits, 1.0), targets),
+        "ece": expected_calibration_error(temperature_scaled(logits, temperature), targets),
     }
 
 

@@ -143,8 +143,8 @@ class PseudoConfig(_Section):
                             "/ each step's images (per_batch with the strong view is FixMatch); teacher: a trained "
                             "teacher labels it once and a fresh student learns from those labels, for --pseudo-rounds")
     start: int | None = option(None, "--pseudo-start",
-                               help="first epoch that uses pseudo-labels (default: the first epoch after lp-ft's probe phase; half of "
-                                    "--epochs from scratch; 0 with a teacher)")
+                               help="first epoch that uses pseudo-labels (default: the first epoch after lp-ft's "
+                                    "probe phase; half of --epochs from scratch; 0 with a teacher)")
     threshold: float = option(0.9, "--pseudo-threshold",
                               help="only pseudo-labels at least this confident enter the loss; 0 uses all")
     weight: float = option(1.0, "--pseudo-weight", help="weight of the pseudo-label loss term")
@@ -164,8 +164,8 @@ class PseudoConfig(_Section):
     teacher: str | None = option(None, "--pseudo-teacher",
                                  help="teacher mode: the checkpoint that labels the pseudolabel split (default: a "
                                       "supervised model trained first, as round 0 in the same run folder)")
-    rounds: int = option(1, "--pseudo-rounds", help="teacher mode: student rounds, each round's best student "
-                                                    "teaching the next")
+    rounds: int = option(1, "--pseudo-rounds", help="teacher mode: student rounds, each round's final student "
+                                                    "(--final-checkpoint) teaching the next")
 
     def resolved(self, *, epochs: int, probe_epochs: int = 0) -> "PseudoConfig":
         mode = "teacher" if self.teacher is not None and self.mode == "none" else self.mode

@@ -18,6 +18,7 @@ from torchmetrics.functional.classification import (
 from detect_waste_cls.calibration import ECE_BINS, calibration_summary
 from detect_waste_cls.data.images import keep_decodable, resolve_test_folder, scan_labeled_folder
 from detect_waste_cls.export import load_model
+from detect_waste_cls.models.classifier import temperature_scaled
 from detect_waste_cls.plots import plot_confusion, plot_reliability
 from detect_waste_cls.predict import path_logits
 
@@ -74,7 +75,7 @@ def write_evaluation(
     `skipped`: images of the folder that could not be read and are not in the metrics.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    probabilities = (logits.float() / temperature).softmax(dim=1)
+    probabilities = temperature_scaled(logits, temperature)
     confidence, predictions = probabilities.max(dim=1)
     metrics = {
         **compute_metrics(targets, predictions, classes),
@@ -86,7 +87,7 @@ def write_evaluation(
     # The functional form never syncs: rank 0 alone holds every prediction, other DDP ranks have left.
     plot_confusion(multiclass_confusion_matrix(predictions, targets, len(classes)), classes, out_dir / "confusion_matrix.png")
     plot_reliability(
-        {"uncalibrated": logits.float().softmax(dim=1).max(dim=1).values, f"temperature {temperature:.2f}": confidence},
+        {"uncalibrated": temperature_scaled(logits, 1.0).max(dim=1).values, f"temperature {temperature:.2f}": confidence},
         predictions == targets, out_dir / "reliability_diagram.png", bins=ECE_BINS,
     )
     pd.DataFrame(

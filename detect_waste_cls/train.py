@@ -110,13 +110,16 @@ def device_settings(run: RunConfig) -> dict:
     return {"accelerator": accelerator, "devices": devices, "strategy": "ddp" if distributed else "auto"}
 
 
-def check_resume_checkpoint(checkpoint: str | Path, classes: Sequence[str], model_name: str) -> None:
-    """A checkpoint to continue from must hold the same model and classes; the error names both sides."""
-    saved = load_torch_file(checkpoint, "checkpoint").get("hyper_parameters", {})
+def check_resume_checkpoint(checkpoint: str | Path, classes: Sequence[str], model_name: str) -> int:
+    """A checkpoint to continue from must hold the same model and classes (the error names both sides);
+    returns the epoch it was saved at."""
+    contents = load_torch_file(checkpoint, "checkpoint")
+    saved = contents.get("hyper_parameters", {})
     if saved.get("model", {}).get("name") != model_name:
         raise UserInputError(f"{checkpoint} holds model {saved.get('model', {}).get('name')}, but --model is {model_name}")
     if saved.get("classes") != list(classes):
         raise UserInputError(f"{checkpoint} was trained on classes {saved.get('classes')}, but the data has {list(classes)}")
+    return contents["epoch"]
 
 
 class EpochSummary(pl.Callback):
@@ -218,12 +221,12 @@ def fit_and_test(config: TrainConfig, callbacks: Sequence[pl.Callback] = (), run
         run_dir = continued_run_dir(config)
         resume_from = str(run_dir / "checkpoints" / f"{LAST_CHECKPOINT}.ckpt")
     if resume_from:
-        check_resume_checkpoint(resume_from, datamodule.classes, config.model.name)
+        resumed_epoch = check_resume_checkpoint(resume_from, datamodule.classes, config.model.name)
     if run_dir is None:
         run_dir = create_run_dir(config.run.out, config.model.name)
     run_dir.mkdir(parents=True, exist_ok=True)
     if config.run.resume == RESUME_AUTO and rank_zero_only.rank == 0:
-        forget_epochs_after(run_dir / "metrics.csv", load_torch_file(resume_from, "checkpoint")["epoch"])
+        forget_epochs_after(run_dir / "metrics.csv", resumed_epoch)
     datamodule.skipped_log = None if config.data.strict else run_dir / SKIPPED_FILES
     model = LitterClassifier(classes=datamodule.classes, image_size=config.data.image_size,
                              model=config.model, optim=config.optim, pseudo=config.pseudo)

@@ -45,9 +45,7 @@ def launch(model: Path, port: int = DEFAULT_PORT) -> int:
         raise UserInputError(f"the app needs streamlit and plotly ({error.name or error} is missing): "
                              f"{INSTALL_HINT}") from None
     model = Path(model)
-    if not model.exists():
-        raise UserInputError(f"model not found: {model} (give an exported folder, a .ckpt file or a folder of runs)")
-    find_models(model)  # nothing to choose from: say so now rather than on the page
+    find_models(model)  # a missing path, or nothing to choose from: say so now rather than on the page
     command = [sys.executable, "-m", "streamlit", "run", str(SCRIPT),
                "--server.address", "localhost", "--server.port", str(port),
                "--server.maxUploadSize", str(MAX_UPLOAD_MB),

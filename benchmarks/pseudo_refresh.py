@@ -125,8 +125,8 @@ def training_step_labels(model: torch.nn.Module, loader, device: torch.device) -
     start = time.perf_counter()
     for batch in loader:
         logits = model(batch[keys.IMAGE].to(device, non_blocking=True))
-        labels = logits.detach().argmax(dim=1).cpu()  # noqa: F841 - what the original kept
-        loss = F.cross_entropy(logits, logits.detach().argmax(dim=1))
+        labels = logits.detach().argmax(dim=1)  # the labels it kept, from the same forward pass
+        loss = F.cross_entropy(logits, labels)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import write_results  # noqa: E402
 
 from detect_waste_cls.data.datasets import ImageDataset, seed_worker_augmentations  # noqa: E402
-from detect_waste_cls.data.images import IMAGE_EXTENSIONS  # noqa: E402
+from detect_waste_cls.data.images import image_files  # noqa: E402
 from detect_waste_cls.data.transforms import EvalPreset, TrainPreset  # noqa: E402
 from detect_waste_cls.models.backbones import get_backbone  # noqa: E402
 
@@ -50,7 +50,7 @@ class OriginalDataset(Dataset):
 
 
 def spread_sample(folder: Path, count: int) -> list[Path]:
-    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+    paths = sorted(image_files(folder, recursive=True))
     if not paths:
         sys.exit(f"no images under {folder}: pass --data with a folder of JPEGs (TrashNet: ../shared/data/trashnet)")
     step = max(1, len(paths) // count)

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import write_results  # noqa: E402
+from report import synchronize, write_results  # noqa: E402
 
 from detect_waste_cls.config import DataConfig  # noqa: E402
 from detect_waste_cls.data import batch as keys  # noqa: E402
@@ -35,11 +35,6 @@ from detect_waste_cls.models.backbones import create_backbone, get_backbone  # n
 
 LOADER_TARGET, RESNET50_TARGET = 0.8, 2500
 WARMUP_STEPS = 5
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def build(name: str, classes: int, device: torch.device, fast: bool) -> tuple[torch.nn.Module, torch.optim.Optimizer]:

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from report import write_results  # noqa: E402
+from report import synchronize, write_results  # noqa: E402
 
 from detect_waste_cls.config import DataConfig, ModelConfig, OptimConfig, PseudoConfig  # noqa: E402
 from detect_waste_cls.data import batch as keys  # noqa: E402
@@ -56,11 +56,6 @@ def synthetic_tree(root: Path, pseudo_images: int = 600) -> Path:
             folder.mkdir(parents=True, exist_ok=True)
             Image.fromarray(rng.integers(0, 255, (128, 128, 3), dtype=np.uint8)).save(folder / f"{i}.jpg")
     return root
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 class TimedRefresh(PseudoLabelRefresh):

@@ -1,4 +1,5 @@
-"""What every benchmark writes: benchmarks/results/<name>-<cpu|gpu>.json and .md, stamped with the date and the machine."""
+"""What the benchmarks share: the results files (benchmarks/results/<name>-<cpu|gpu>.json and .md, stamped with the
+date and the machine), and waiting for the GPU before a clock is read."""
 
 from __future__ import annotations
 
@@ -44,3 +45,9 @@ def write_results(name: str, results: dict, markdown: str) -> Path:
     stem.with_suffix(".md").write_text(text)
     print(text)
     return stem
+
+
+def synchronize(device: torch.device) -> None:
+    """GPU work is asynchronous: wait for it before reading a clock."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()

@@ -37,8 +37,6 @@ log = logging.getLogger(__name__)
 LAST_CHECKPOINT = "last"  # checkpoints/last.ckpt: the end of the latest epoch, for --resume
 SKIPPED_FILES = "skipped_files.txt"  # every unreadable file of the run: at scan, in training, at evaluation
 SAMPLE_DATA = Path(__file__).resolve().parents[1] / "data" / "sample"
-# The sample's images are 160 px on their longer side: upscaling them to a native 224+ px adds only compute.
-SAMPLE_IMAGE_SIZE = 160
 
 # Set while a run trains: DDP's extra ranks read their run folder from it (see shared_run_dir).
 RUN_DIR_ENV = "DETECT_WASTE_CLS_RUN_DIR"
@@ -171,16 +169,16 @@ class StopOnNonFiniteLoss(pl.Callback):
 def resolve_config(config: TrainConfig) -> TrainConfig:
     """Every value left to a default that depends on something else, decided once; config.json records the result."""
     data, model = config.data, resolve_model(config.model)
-    if data.root is None:
-        data = dataclasses.replace(data, root=str(SAMPLE_DATA), image_size=data.image_size or SAMPLE_IMAGE_SIZE)
-        weights = "ImageNet weights" if model.pretrained else "random weights"
-        print(f"no --data given: training {model.name} from {weights} on the embedded sample {SAMPLE_DATA} "
-              f"at {data.image_size} px (pass --data DIR for your own images)")
     data = dataclasses.replace(
         data,
+        root=data.root or str(SAMPLE_DATA),
         image_size=data.image_size or get_backbone(model.name).image_size,
         num_workers=data.num_workers if data.num_workers is not None else default_num_workers(),
     )
+    if config.data.root is None:
+        weights = "ImageNet weights" if model.pretrained else "random weights"
+        print(f"no --data given: training {model.name} from {weights} on the embedded sample {SAMPLE_DATA} "
+              f"at {data.image_size} px (pass --data DIR for your own images)")
     optim = config.optim.resolved(starts_from_weights=bool(model.pretrained or model.weights))
     on_gpu = trains_on_gpu(config.run)
     run = config.run.resolved(on_gpu=on_gpu, bf16_supported=on_gpu and torch.cuda.is_bf16_supported())

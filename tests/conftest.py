@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from detect_waste_cls.train import LAST_CHECKPOINT
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRASHNET = REPO_ROOT.parent / "shared" / "data" / "trashnet"
 COLOURS = {"glass": (30, 160, 60), "metal": (40, 60, 200), "paper": (220, 40, 40)}
@@ -49,6 +51,11 @@ def train_args(data: Path, out: Path, *extra: str) -> list[str]:
     return ["train", "--data", str(data), "--out", str(out), "--model", "simple-cnn", "--img-size", "32",
             "--epochs", "2", "-b", "8", "--num-workers", "0", "--accelerator", "cpu", "--lr", "3e-3", "--no-progress-bar",
             *extra]
+
+
+def final_checkpoint(run: Path) -> Path:
+    """The checkpoint a run tests, calibrates and exports with the default --final-checkpoint (last)."""
+    return run / "checkpoints" / f"{LAST_CHECKPOINT}.ckpt"
 
 
 PYTHON = sys.executable

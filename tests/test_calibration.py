@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import COLOURS, make_tree, train_args
+from conftest import COLOURS, final_checkpoint, make_tree, train_args
 from detect_waste_cls.calibration import TEMPERATURE_RANGE, expected_calibration_error, fit_temperature
 from detect_waste_cls.cli import main
 from detect_waste_cls.models.classifier import CALIBRATION_KEY, load_classifier
@@ -53,7 +53,7 @@ def calibrated_run(tmp_path_factory):
 
 def test_the_final_checkpoint_carries_the_temperature_that_test_and_predict_use(calibrated_run, tmp_path):
     data, run = calibrated_run
-    checkpoint = next((run / "checkpoints").glob("best-*.ckpt"))
+    checkpoint = final_checkpoint(run)
     stored = torch.load(checkpoint, map_location="cpu", weights_only=True)[CALIBRATION_KEY]
     assert stored["images"] == 9  # 30% of 10 per class, the validation split only
     model = load_classifier(checkpoint)
@@ -80,7 +80,7 @@ def test_the_final_checkpoint_carries_the_temperature_that_test_and_predict_use(
 
 def test_no_calibrate_keeps_temperature_one(tiny_tree, tmp_path):
     assert main(train_args(tiny_tree, tmp_path / "run", "--no-calibrate", "--epochs", "1")) == 0
-    checkpoint = next((tmp_path / "run" / "checkpoints").glob("best-*.ckpt"))
+    checkpoint = final_checkpoint(tmp_path / "run")
     assert CALIBRATION_KEY not in torch.load(checkpoint, map_location="cpu", weights_only=True)
     assert load_classifier(checkpoint).temperature == 1.0
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["temperature"] == 1.0

@@ -8,10 +8,11 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import PYTHON, REPO_ROOT, make_tree, train_args, write_image
+from conftest import PYTHON, REPO_ROOT, final_checkpoint, make_tree, train_args, write_image
 from detect_waste_cls.cli import main
 from detect_waste_cls.evaluate import EVALUATION_FILES
-from detect_waste_cls.train import SAMPLE_IMAGE_SIZE, create_run_dir
+from detect_waste_cls.models.backbones import get_backbone
+from detect_waste_cls.train import create_run_dir
 
 
 @pytest.fixture(scope="module")
@@ -42,16 +43,14 @@ def test_training_writes_every_artifact(trained_run):
     assert [metrics["per_class"][name]["recall"] for name in recalls.index] == pytest.approx(recalls.tolist())
     log = pd.read_csv(out / "metrics.csv")
     assert {"train/loss", "val/loss", "val/accuracy", "val/balanced_accuracy", "val/macro_f1"} <= set(log.columns)
-    best = next((out / "checkpoints").glob("best-*.ckpt"))
-    checkpoint = torch.load(best, map_location="cpu", weights_only=True)
+    checkpoint = torch.load(final_checkpoint(out), map_location="cpu", weights_only=True)
     assert checkpoint["hyper_parameters"]["classes"] == ["glass", "metal", "paper"]
     assert json.loads((out / "config.json").read_text())["data"]["image_size"] == 32
 
 
 def test_test_mode_reproduces_the_runs_predictions(trained_run, tmp_path):
     data, out = trained_run
-    best = next((out / "checkpoints").glob("best-*.ckpt"))
-    assert main(["test", "--data", str(data), "--checkpoint", str(best), "--out", str(tmp_path / "t"), "--num-workers", "0"]) == 0
+    assert main(["test", "--data", str(data), "--checkpoint", str(final_checkpoint(out)), "--out", str(tmp_path / "t"), "--num-workers", "0"]) == 0
     during, after = pd.read_csv(out / "predictions.csv"), pd.read_csv(tmp_path / "t" / "predictions.csv")
     assert during.path.tolist() == after.path.tolist() and during.predicted.tolist() == after.predicted.tolist()
     assert during.confidence.to_numpy() == pytest.approx(after.confidence.to_numpy(), abs=1e-5)
@@ -176,12 +175,13 @@ def test_prepare_split_cli_refuses_a_second_run_without_overwrite(tmp_path, caps
     assert main([*split, "--overwrite"]) == 0
 
 
-def test_no_data_trains_on_the_embedded_sample_at_its_own_size(tmp_path, capsys):
+def test_no_data_trains_on_the_embedded_sample_at_the_models_size(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--out", str(out), "--model", "simple-cnn", "--epochs", "1", "--num-workers", "0",
                  "--accelerator", "cpu", "--no-progress-bar"]) == 0
     config = json.loads((out / "config.json").read_text())
-    assert config["data"]["image_size"] == SAMPLE_IMAGE_SIZE and config["data"]["root"].endswith("data/sample")
+    assert config["data"]["image_size"] == get_backbone("simple-cnn").image_size
+    assert config["data"]["root"].endswith("data/sample")
     assert config["recorded"]["classes"] == ["cardboard", "glass", "metal", "paper", "plastic", "trash"]
     assert "embedded sample" in capsys.readouterr().out
     assert json.loads((out / "metrics.json").read_text())["num_images"] == 60
@@ -210,7 +210,7 @@ def test_last_checkpoint_is_the_latest_epoch_whichever_epoch_was_best(tiny_tree,
 
     config = TrainConfig().replace(
         data={"root": str(tiny_tree), "image_size": 32, "batch_size": 8, "num_workers": 0},
-        model={"name": "simple-cnn"}, optim={"epochs": 3},
+        model={"name": "simple-cnn"}, optim={"epochs": 3, "final_checkpoint": "best"},
         run={"out": str(tmp_path / "run"), "accelerator": "cpu", "progress_bar": False},
     )
     result = train(config, callbacks=[BreakTheHeadAfterEpochZero()])

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import COLOURS, PYTHON, REPO_ROOT, make_tree, train_args, write_image
+from conftest import COLOURS, PYTHON, REPO_ROOT, final_checkpoint, make_tree, train_args, write_image
 from detect_waste_cls import load_pretrained
 from detect_waste_cls.cli import main
 from detect_waste_cls.data.images import load_rgb
@@ -23,7 +23,7 @@ def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp("export")
     data = make_tree(root / "data", {"train": {name: 10 for name in COLOURS}, "test": {name: 3 for name in COLOURS}})
     assert main(train_args(data, root / "run", "--val-split", "0.3")) == 0
-    checkpoint = next((root / "run" / "checkpoints").glob("best-*.ckpt"))
+    checkpoint = final_checkpoint(root / "run")
     assert main(["export", "--checkpoint", str(checkpoint), "--out", str(root / "model"), "--onnx"]) == 0
     return data, checkpoint, root / "model"
 

@@ -34,13 +34,13 @@ def is_exported_folder(path: str | Path) -> bool:
 
 
 def load_model(path: str | Path) -> LitterClassifier:
-    """A ready-to-predict model from a checkpoint file or an exported folder."""
+    """A ready-to-predict model from a checkpoint file or an exported folder, in the channels-last layout."""
     path = Path(path)
-    if path.is_dir():
-        return load_pretrained(path)
-    if not path.is_file():
+    if not path.exists():
         raise UserInputError(f"model not found: {path} (give a .ckpt file or an exported folder)")
-    return load_classifier(path)
+    model = load_pretrained(path) if path.is_dir() else load_classifier(path)
+    # The same predictions, 1.5-1.7x faster on a CPU (benchmarks/results/channels_last-cpu.md).
+    return model.to(memory_format=torch.channels_last)
 
 
 def load_pretrained(folder: str | Path) -> LitterClassifier:

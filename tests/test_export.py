@@ -13,7 +13,7 @@ from conftest import COLOURS, PYTHON, REPO_ROOT, final_checkpoint, make_tree, tr
 from detect_waste_cls import load_pretrained
 from detect_waste_cls.cli import main
 from detect_waste_cls.data.images import load_rgb
-from detect_waste_cls.export import CONFIG_FILE, ONNX_FILE, WEIGHTS_FILE, export_model
+from detect_waste_cls.export import CONFIG_FILE, ONNX_FILE, WEIGHTS_FILE, export_model, load_model
 from detect_waste_cls.models.classifier import load_classifier
 
 
@@ -40,6 +40,18 @@ def test_exported_folder_predicts_like_the_checkpoint(exported):
     photo = [load_rgb(next((data / "images_square" / "test" / "paper").iterdir()))]
     assert torch.equal(original.predict_images(photo), restored.predict_images(photo))
     assert restored.classes[int(restored.predict_images(photo).argmax())] == "paper"
+
+
+def test_models_loaded_to_predict_are_channels_last_and_predict_like_the_checkpoint(exported):
+    _, checkpoint, folder = exported
+    original = load_classifier(checkpoint).eval()
+    images = torch.randn(5, 3, 32, 32)
+    for path in (checkpoint, folder):
+        model = load_model(path).eval()
+        convolutions = [p for p in model.parameters() if p.dim() == 4]
+        assert convolutions and all(p.is_contiguous(memory_format=torch.channels_last) for p in convolutions)
+        with torch.inference_mode():
+            torch.testing.assert_close(model(images), original(images), rtol=1e-4, atol=1e-5)
 
 
 def test_onnx_agrees_with_pytorch_at_any_batch_size(exported):

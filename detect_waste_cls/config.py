@@ -163,6 +163,10 @@ class PseudoConfig(_Section):
              "that few pseudo-labels pass yet")
     targets: str = option("hard", "--pseudo-targets", choices=PSEUDO_TARGETS,
                           help="hard: the predicted class; soft: the predicted distribution, sharpened by --pseudo-temperature")
+    align: bool = option(
+        False, "--pseudo-align",
+        help="distribution alignment (ReMixMatch): scale each pseudo-label distribution by the labeled split's class "
+             "frequencies over the mean prediction on the pseudolabel split, so an over-predicted class loses labels")
     temperature: float = option(1.0, "--pseudo-temperature",
                                 help="soft targets are p^(1/T), renormalized: below 1 sharpens, 1 keeps p as it is")
     teacher: str | None = option(None, "--pseudo-teacher",

@@ -13,7 +13,8 @@ from conftest import COLOURS, PYTHON, REPO_ROOT, make_tree, train_args
 from detect_waste_cls.cli import main
 from detect_waste_cls.config import ModelConfig
 from detect_waste_cls.errors import UserInputError
-from detect_waste_cls.pseudo.loss import confident_mask, flex_thresholds, linear_rampup, masked_pseudo_label_loss, sharpen
+from detect_waste_cls.pseudo.loss import (align_distribution, confident_mask, flex_thresholds, linear_rampup,
+                                          masked_pseudo_label_loss, sharpen)
 from detect_waste_cls.pseudo.store import PseudoLabelStore
 
 
@@ -76,6 +77,29 @@ def test_flex_thresholds_follow_flexmatch_on_a_hand_made_case():
     assert confident_mask(labels, confidence, thresholds).tolist() == [True] * 8 + [False, False]
 
 
+def test_distribution_alignment_moves_labels_away_from_an_over_predicted_class_on_a_hand_made_case(tmp_path):
+    # The labeler calls 3 of 4 images class 0, but the labeled split is half and half. Its mean prediction is
+    # (0.65, 0.35), so each row is scaled by (0.5 / 0.65, 0.5 / 0.35) and renormalized.
+    predicted = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.6, 0.4], [0.3, 0.7]])
+    store = PseudoLabelStore(5, num_classes=2, target_prior=torch.tensor([0.5, 0.5]))
+    store.update(torch.arange(4), predicted, epoch=0)
+    # Image 2: 0.6 / 0.65 = 0.923 against 0.4 / 0.35 = 1.143, so class 1 at 1.143 / 2.066 = 0.553.
+    assert store.labels.tolist() == [0, 0, 1, 1, -1]
+    assert store.confidence.tolist() == pytest.approx([0.8289, 0.6829, 0.5532, 0.8125, 0.0], abs=1e-4)
+    assert store.confident(0.8).tolist() == [True, False, False, True, False]
+    assert torch.equal(align_distribution(predicted, torch.tensor([0.65, 0.35]), torch.tensor([0.65, 0.35])), predicted)
+    # The checkpoint keeps the labeler's own predictions; a resumed store aligns them the same way.
+    torch.save({"store": store.state_dict()}, tmp_path / "c.ckpt")
+    state = torch.load(tmp_path / "c.ckpt", weights_only=True)["store"]
+    assert torch.equal(state["probabilities"][:4], predicted)
+    restored = PseudoLabelStore(5, num_classes=2, target_prior=torch.tensor([0.5, 0.5]))
+    restored.load_state_dict(state)
+    assert torch.equal(restored.probabilities, store.probabilities)
+    unaligned = PseudoLabelStore(5, num_classes=2)
+    unaligned.load_state_dict(state)
+    assert unaligned.labels.tolist() == [0, 0, 0, 1, -1]
+
+
 def test_store_round_trips_through_a_safe_checkpoint_file(tmp_path):
     store = PseudoLabelStore(5, num_classes=3)
     changed = store.update(torch.tensor([1, 3]), torch.tensor([[0.1, 0.1, 0.8], [0.6, 0.3, 0.1]]), epoch=4)
@@ -129,7 +153,7 @@ def test_folder_labels_never_reach_the_loss(tmp_path, mode):
 
 
 DDP_SETUPS = {
-    "per_epoch": ("--pseudo", "per_epoch"),
+    "per_epoch-aligned": ("--pseudo", "per_epoch", "--pseudo-align"),
     # FixMatch with the extras: strong view, EMA teacher, flex thresholds, soft targets.
     "per_batch-strong-ema": ("--pseudo", "per_batch", "--pseudo-view", "strong", "--ema-decay", "0.5",
                              "--pseudo-threshold-mode", "flex", "--pseudo-targets", "soft"),
@@ -147,7 +171,7 @@ def test_ddp_ranks_hold_identical_stores_and_resume_restores_them(tmp_path, setu
     for key in ("probabilities", "epoch"):
         assert torch.equal(rank0[key], rank1[key]), key
     labeled = rank0["epoch"] >= 0
-    assert labeled.all() if setup == "per_epoch" else labeled.sum() >= 8  # per_batch: the images its steps drew
+    assert labeled.all() if setup.startswith("per_epoch") else labeled.sum() >= 8  # per_batch: the images its steps drew
     assert len(pd.read_csv(first / "pseudo_labels.csv")) == 15
 
     checkpoint = torch.load(first / "checkpoints" / "last.ckpt", weights_only=True)

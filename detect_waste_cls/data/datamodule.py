@@ -165,6 +165,10 @@ class WasteDataModule(pl.LightningDataModule):
     def pseudo_images(self) -> PseudoImages | None:
         return self.layout.pseudo
 
+    @property
+    def train_targets(self) -> list[int]:
+        return self.layout.train.targets
+
     def _loader(self, dataset, *, batch_size: int, shuffle=False, sampler=None, drop_last=False, generator=None):
         return DataLoader(
             dataset,

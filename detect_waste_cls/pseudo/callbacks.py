@@ -35,6 +35,9 @@ class PseudoLabelData(Protocol):
     @property
     def pseudo_images(self): ...
 
+    @property
+    def train_targets(self) -> Sequence[int]: ...
+
     def pseudo_inference_dataloader(self, rank: int, world_size: int, view=None) -> DataLoader: ...
 
 
@@ -42,7 +45,8 @@ class PseudoLabelRefresh(pl.Callback):
     """Keeps a PseudoLabelStore current and hands each training step the targets and mask of its pseudo batch.
 
     Labels always come from an eval view, by the labeler: the EMA teacher when --ema-decay is
-    set, else the model in training (or, in teacher mode, the teacher checkpoint).
+    set, else the model in training (or, in teacher mode, the teacher checkpoint); with
+    --pseudo-align the store aligns them to the labeled split's class frequencies.
     teacher: before the first step, the teacher checkpoint labels the whole split once.
     per_epoch: at the start of each epoch from `pseudo.start` on, the labeler predicts the whole
     split; under DDP each rank predicts a shard and the shards are gathered, so every rank
@@ -73,13 +77,17 @@ class PseudoLabelRefresh(pl.Callback):
         data = trainer.datamodule
         if not isinstance(data, PseudoLabelData) or data.pseudo_images is None:
             raise TypeError(
-                f"PseudoLabelRefresh needs a datamodule with pseudolabel images (classes, pseudo_images, "
+                f"PseudoLabelRefresh needs a datamodule with pseudolabel images (classes, train_targets, pseudo_images, "
                 f"pseudo_inference_dataloader), like WasteDataModule; got {type(data).__name__}"
             )
         pseudo = data.pseudo_images
         self.paths, self.classes = pseudo.paths, list(data.classes)
         self.folder_targets = torch.tensor(pseudo.folder_targets, dtype=torch.long)
-        self.store = PseudoLabelStore(len(pseudo.paths), len(self.classes))
+        prior = None
+        if self.config.align:  # the labeled split's class frequencies: what the pseudolabel split should look like
+            prior = torch.bincount(torch.as_tensor(data.train_targets), minlength=len(self.classes)).float()
+            prior /= prior.sum()
+        self.store = PseudoLabelStore(len(pseudo.paths), len(self.classes), target_prior=prior)
         if self._restored_state is not None:
             self.store.load_state_dict(self._restored_state)
 

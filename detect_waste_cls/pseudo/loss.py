@@ -40,6 +40,16 @@ def flex_thresholds(labels: torch.Tensor, confidence: torch.Tensor, threshold: f
     return threshold * effect / (2 - effect)
 
 
+def align_distribution(probabilities: torch.Tensor, target_prior: torch.Tensor, model_prior: torch.Tensor) -> torch.Tensor:
+    """ReMixMatch's distribution alignment (Berthelot et al. 2020): p x target_prior / model_prior, renormalized.
+
+    A class the labeler predicts more often than `target_prior` says it should loses confidence on every image,
+    so fewer of its labels pass the threshold; an under-predicted class gains.
+    """
+    aligned = probabilities * (target_prior / model_prior.clamp(min=1e-6))
+    return aligned / aligned.sum(dim=1, keepdim=True)
+
+
 def sharpen(probabilities: torch.Tensor, temperature: float) -> torch.Tensor:
     """p^(1/T), renormalized: T < 1 sharpens, T = 1 returns p."""
     powered = probabilities.clamp(min=1e-12) ** (1.0 / temperature)

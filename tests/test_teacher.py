@@ -11,7 +11,7 @@ from detect_waste_cls import TrainConfig, train
 from detect_waste_cls.config import read_config_file
 from detect_waste_cls.models.classifier import load_classifier
 from detect_waste_cls.models.ema import EMATeacher
-from detect_waste_cls.predict import predict_paths
+from detect_waste_cls.predict import path_logits
 
 
 def tiny_config(data, out, **sections) -> TrainConfig:
@@ -58,10 +58,13 @@ def test_teacher_rounds_each_train_a_student_on_the_previous_rounds_labels(tmp_p
     for number in (1, 2):
         teacher = rounds.checkpoint[number - 1]
         assert rounds.teacher[number] == teacher
-        # The student's labels are its teacher's predictions on the eval view, made once.
+        # The student's labels are its teacher's predictions on the eval view, made once, from its own softmax:
+        # the teacher is calibrated, and its temperature must not move the thresholds.
         labels = pd.read_csv(tmp_path / "run" / f"round-{number}" / "pseudo_labels.csv")
         model = load_classifier(teacher)
-        confidence, predicted = predict_paths(model, [Path(p) for p in labels.path], batch_size=8).max(dim=1)
+        assert model.temperature != 1.0
+        logits = path_logits(model, [Path(p) for p in labels.path], batch_size=8)
+        confidence, predicted = logits.softmax(dim=1).max(dim=1)
         assert labels.label.tolist() == [model.classes[i] for i in predicted]
         assert labels.confidence.to_numpy() == pytest.approx(confidence.numpy(), abs=1e-5)
     # The whole run replays from its top config.json.

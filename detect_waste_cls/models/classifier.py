@@ -207,11 +207,6 @@ class LitterClassifier(pl.LightningModule):
             return torch.empty(0, len(self.classes)), torch.empty(0, dtype=torch.long)
         return torch.cat(logits), torch.cat(indices)
 
-    def predict_loader(self, loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
-        """Calibrated probabilities and dataset indices for every item of `loader`, in eval mode."""
-        logits, indices = self.predict_logits(loader)
-        return self.calibrated(logits), indices
-
     @torch.inference_mode()
     def predict_images(self, images: Sequence[np.ndarray], *, flip_tta: bool = False) -> torch.Tensor:
         """Calibrated probabilities for RGB uint8 arrays (as `load_rgb` gives); flip_tta averages in the mirror image."""

@@ -255,7 +255,7 @@ def fit_and_test(config: TrainConfig, callbacks: Sequence[pl.Callback] = (), run
     latest = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename=LAST_CHECKPOINT, enable_version_counter=False)
     all_callbacks = [checkpoints, latest, EpochSummary(), StopOnNonFiniteLoss(), *callbacks]
     if config.optim.ema_decay is not None:
-        all_callbacks.append(EMATeacher(config.optim.ema_decay))
+        all_callbacks.append(EMATeacher(config.optim.ema_decay, restart_epoch=config.optim.probe_epochs))
     if config.pseudo.mode != "none":
         all_callbacks.append(PseudoLabelRefresh(model.pseudo, output_csv=run_dir / "pseudo_labels.csv"))
     loggers = build_loggers(

@@ -10,7 +10,7 @@ import torch
 from detect_waste_cls import TrainConfig, train
 from detect_waste_cls.config import read_config_file
 from detect_waste_cls.models.classifier import load_classifier
-from detect_waste_cls.models.ema import EMATeacher
+from detect_waste_cls.models.ema import EMATeacher, find_ema_teacher
 from detect_waste_cls.predict import path_logits
 
 
@@ -46,6 +46,23 @@ def test_ema_teacher_is_what_is_checkpointed_and_resume_restores_both_models(tmp
     train(resumed, callbacks=[AtResume()])
     assert all(torch.equal(seen["current"][k], current[k]) for k in current)
     assert all(torch.equal(seen["average"][k], averaged[k]) for k in averaged)
+
+
+def test_the_ema_restarts_from_the_weights_in_training_when_the_backbone_unfreezes(tmp_path, tiny_tree):
+    # Averaged across lp-ft's phase change, the EMA would carry the linear-probe model into fine-tuning.
+    average_is_current = []
+
+    class AtSecondStep(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == 1:  # one update into the epoch
+                average = find_ema_teacher(trainer).averaged_model().state_dict()
+                average_is_current.append(all(torch.equal(v, average[k]) for k, v in pl_module.state_dict().items()))
+
+    config = tiny_config(tiny_tree, tmp_path / "run",
+                         optim={"epochs": 3, "finetune": "lp-ft", "probe_epochs": 1, "ema_decay": 0.5})
+    train(config, callbacks=[AtSecondStep()])
+    # The first update copies the weights, at the start of training and again after the probe; then it averages.
+    assert average_is_current == [True, True, False]
 
 
 def test_teacher_rounds_each_train_a_student_on_the_previous_rounds_labels(tmp_path, tiny_tree):

@@ -7,7 +7,9 @@ keys of TrainConfig and of every run's config.json); profiles.json there adds ea
 config (tiny CPU runs, or the real recipe), its seeds, optionally a baseline row that every
 other row is compared with seed by seed, and optionally substitute_models ({row model: model to
 train instead}). Every row is checked against TrainConfig before the
-first run starts. Rows already done are skipped, so an interrupted run resumes where it stopped.
+first run starts. Rows already done are skipped, and a run that was interrupted after a completed
+epoch continues from it (`--resume auto`, in its own folder), so a killed study loses at most an
+epoch; teacher-mode rows, and runs killed before their first checkpoint, start over.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from detect_waste_cls.config import TrainConfig, merge, read_config_file
+from detect_waste_cls.config import RESUME_AUTO, TrainConfig, merge, read_config_file
 from detect_waste_cls.errors import UserInputError
+from detect_waste_cls.train import LAST_CHECKPOINT
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 DONE_MARKER = "runner.json"
@@ -67,15 +70,17 @@ def set_aside(folder: Path, reason: str) -> None:
     folder.rename(folder.with_name(f"{folder.name}.{reason}-{n}"))
 
 
-def run_row(command: list[str], out: Path, log_file: Path, row: str, seed: int) -> float:
+def run_row(command: list[str], out: Path, log_file: Path, row: str, seed: int, continued: bool) -> float:
     log_file.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    with log_file.open("w") as log:
+    with log_file.open("a" if continued else "w") as log:
         result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
     wall = time.perf_counter() - start
     if result.returncode != 0:
-        sys.exit(f"error: {out.name} failed (exit {result.returncode}); see {log_file}")
-    marker = {"row": row, "seed": seed, "command": command, "wall_time_s": wall}
+        hint = " (it continued an interrupted run: --force starts it over)" if continued else ""
+        sys.exit(f"error: {out.name} failed (exit {result.returncode}); see {log_file}{hint}")
+    # A continued run's wall time covers only its last part: the killed part went unmeasured.
+    marker = {"row": row, "seed": seed, "command": command, "wall_time_s": wall, "continued": continued}
     (out / DONE_MARKER).write_text(json.dumps(marker, indent=2))
     return wall
 
@@ -123,7 +128,8 @@ def summarize_folder(run: Path, row: str, done: dict) -> dict:
         "epochs": config.optim.epochs,
         "image size": config.data.image_size,
         "seed": config.run.seed,
-        "wall time (s)": done["wall_time_s"],  # of the whole run: every round of a teacher-mode run
+        # Of the whole run (every round of a teacher-mode run); unknown for a run continued after a kill.
+        "wall time (s)": None if done.get("continued") else done["wall_time_s"],
     }
 
 
@@ -171,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", default=None, help="run only these rows")
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="override the profile's seeds")
     parser.add_argument("--results", type=Path, default=None, help="default: experiments/results/<table>-<profile>")
-    parser.add_argument("--force", action="store_true", help="rerun rows already done (earlier runs are kept aside)")
+    parser.add_argument("--force", action="store_true", help="rerun rows already done and start interrupted ones over (earlier runs are kept aside)")
     args, extra_flags = parser.parse_known_args(argv)
 
     profiles = json.loads((CONFIGS / args.table / "profiles.json").read_text())
@@ -184,20 +190,23 @@ def main(argv: list[str] | None = None) -> int:
     for name in rows:
         for seed in args.seeds or profile["seeds"]:
             out = results / "runs" / f"{name}-seed{seed}"
-            if (out / DONE_MARKER).is_file() and not args.force:
+            done = (out / DONE_MARKER).is_file()
+            if done and not args.force:
                 print(f"{out.name}: done, skipped")
-            else:
-                if out.exists():
-                    set_aside(out, "replaced" if (out / DONE_MARKER).is_file() else "interrupted")
-                row_config = results / "configs" / f"{out.name}.json"
-                row_config.parent.mkdir(parents=True, exist_ok=True)
-                row_config.write_text(json.dumps(configs[name], indent=2))
-                command = [sys.executable, "-m", "detect_waste_cls.cli", "train", "--config", str(row_config),
-                           "--data", str(args.data), "--out", str(out), "--seed", str(seed), "--no-progress-bar",
-                           *extra_flags]
-                print(f"{out.name}: running", flush=True)
-                wall = run_row(command, out, results / "logs" / f"{out.name}.log", name, seed)
-                print(f"{out.name}: {wall:.0f} s", flush=True)
+                continue
+            # Teacher-mode runs keep their checkpoints in round-<k>/, so they never match and start over.
+            continued = not done and not args.force and (out / "checkpoints" / f"{LAST_CHECKPOINT}.ckpt").is_file()
+            if out.exists() and not continued:
+                set_aside(out, "replaced" if done else "interrupted")
+            row_config = results / "configs" / f"{out.name}.json"
+            row_config.parent.mkdir(parents=True, exist_ok=True)
+            row_config.write_text(json.dumps(configs[name], indent=2))
+            command = [sys.executable, "-m", "detect_waste_cls.cli", "train", "--config", str(row_config),
+                       "--data", str(args.data), "--out", str(out), "--seed", str(seed), "--no-progress-bar",
+                       *(["--resume", RESUME_AUTO] if continued else []), *extra_flags]
+            print(f"{out.name}: {'continuing from its last completed epoch' if continued else 'running'}", flush=True)
+            wall = run_row(command, out, results / "logs" / f"{out.name}.log", name, seed, continued)
+            print(f"{out.name}: {wall:.0f} s", flush=True)
     # The table covers every finished run here, not only this invocation's rows.
     summaries = [summary for run in finished_runs(results) for summary in summarize_run(run)]
     table = write_tables(results, summaries, profile.get("baseline"))

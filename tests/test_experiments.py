@@ -1,13 +1,14 @@
 """The results-table runner on its smoke profile, and the analysis notebook on its output."""
 
 import json
+import subprocess
 
 import nbformat
 import pandas as pd
 import pytest
 from nbclient import NotebookClient
 
-from conftest import COLOURS, REPO_ROOT, make_tree
+from conftest import COLOURS, PYTHON, REPO_ROOT, make_tree
 from experiments import reproduce
 
 PAPER_ROWS = sorted(p.stem for p in (REPO_ROOT / "experiments/configs/paper").glob("*.json") if p.stem != "profiles")
@@ -79,6 +80,52 @@ def test_rerun_skips_done_rows_and_sets_interrupted_ones_aside(smoke_results, ca
     assert output.count("done, skipped") == 2 and output.count(": running") == 2
     assert (results / "runs" / "effb2_random_none-seed1.interrupted-1" / "partial.txt").is_file()
     assert (results / "runs" / "effb2_random_none-seed1" / "metrics.json").is_file()
+
+
+# The runner's train command, with a callback that SIGKILLs the process when the second epoch starts (last.ckpt then
+# holds the first): no handler, no cleanup.
+KILLED_IN_THE_SECOND_EPOCH = """
+import os, signal, sys
+import lightning.pytorch as pl
+from detect_waste_cls.cli import DEFAULT_MODEL, build_parser, config_from_args
+from detect_waste_cls.train import train
+
+class Kill(pl.Callback):
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+train(config_from_args(build_parser().parse_args(sys.argv[1:]), DEFAULT_MODEL), callbacks=[Kill()])
+"""
+
+
+def test_a_run_killed_after_an_epoch_continues_in_its_own_folder(tmp_path, monkeypatch, capsys):
+    table = tmp_path / "configs" / "t"
+    table.mkdir(parents=True)
+    tiny = {"model": {"name": "simple-cnn"}, "data": {"image_size": 32, "batch_size": 4, "num_workers": 0},
+            "optim": {"epochs": 2}, "run": {"accelerator": "cpu"}}
+    (table / "profiles.json").write_text(json.dumps({"p": {"seeds": [0], "config": tiny}}))
+    row = {"pseudo": {"mode": "per_batch", "start": 0}}
+    (table / "per_batch.json").write_text(json.dumps(row))
+    monkeypatch.setattr(reproduce, "CONFIGS", tmp_path / "configs")
+    data = make_tree(tmp_path / "data", {"train": {n: 4 for n in COLOURS}, "test": {n: 2 for n in COLOURS}}, pseudo=6)
+    results = tmp_path / "r"
+    run = results / "runs" / "per_batch-seed0"
+    row_config = results / "configs" / "per_batch-seed0.json"  # where the runner writes it
+    row_config.parent.mkdir(parents=True)
+    row_config.write_text(json.dumps(reproduce.merge(tiny, row)))
+    killed = subprocess.run([PYTHON, "-c", KILLED_IN_THE_SECOND_EPOCH, "train", "--config", str(row_config),
+                             "--data", str(data), "--out", str(run), "--seed", "0", "--no-progress-bar"], cwd=REPO_ROOT)
+    assert killed.returncode == -9 and not (run / "metrics.json").exists()
+
+    assert reproduce.main(["--data", str(data), "--table", "t", "--profile", "p", "--results", str(results)]) == 0
+    assert "per_batch-seed0: continuing from its last completed epoch" in capsys.readouterr().out
+    assert not list(run.parent.glob("*.interrupted-*"))  # nothing set aside: the first epoch is kept
+    log = pd.read_csv(run / "metrics.csv")
+    assert log.dropna(subset=["val/loss"]).epoch.tolist() == [0, 1]
+    table_row = pd.read_csv(results / "table.csv").iloc[0]
+    assert table_row.ACC == pytest.approx(json.loads((run / "metrics.json").read_text())["accuracy"])
+    assert pd.isna(table_row["wall time (s)"])  # the killed part was never timed
 
 
 def test_results_notebook_runs_on_smoke_output(smoke_results, monkeypatch):

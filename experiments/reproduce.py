@@ -177,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", default=None, help="run only these rows")
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="override the profile's seeds")
     parser.add_argument("--results", type=Path, default=None, help="default: experiments/results/<table>-<profile>")
-    parser.add_argument("--force", action="store_true", help="rerun rows already done and start interrupted ones over (earlier runs are kept aside)")
+    parser.add_argument("--force", action="store_true",
+                        help="rerun rows already done and start interrupted ones over (earlier runs are kept aside)")
     args, extra_flags = parser.parse_known_args(argv)
 
     profiles = json.loads((CONFIGS / args.table / "profiles.json").read_text())
@@ -195,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{out.name}: done, skipped")
                 continue
             # Teacher-mode runs keep their checkpoints in round-<k>/, so they never match and start over.
-            continued = not done and not args.force and (out / "checkpoints" / f"{LAST_CHECKPOINT}.ckpt").is_file()
+            continued = not args.force and (out / "checkpoints" / f"{LAST_CHECKPOINT}.ckpt").is_file()
             if out.exists() and not continued:
                 set_aside(out, "replaced" if done else "interrupted")
             row_config = results / "configs" / f"{out.name}.json"

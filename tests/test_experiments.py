@@ -1,14 +1,13 @@
 """The results-table runner on its smoke profile, and the analysis notebook on its output."""
 
 import json
-import subprocess
 
 import nbformat
 import pandas as pd
 import pytest
 from nbclient import NotebookClient
 
-from conftest import COLOURS, PYTHON, REPO_ROOT, make_tree
+from conftest import COLOURS, REPO_ROOT, make_tree, recorded_run
 from experiments import reproduce
 
 PAPER_ROWS = sorted(p.stem for p in (REPO_ROOT / "experiments/configs/paper").glob("*.json") if p.stem != "profiles")
@@ -82,23 +81,6 @@ def test_rerun_skips_done_rows_and_sets_interrupted_ones_aside(smoke_results, ca
     assert (results / "runs" / "effb2_random_none-seed1" / "metrics.json").is_file()
 
 
-# The runner's train command, with a callback that SIGKILLs the process when the second epoch starts (last.ckpt then
-# holds the first): no handler, no cleanup.
-KILLED_IN_THE_SECOND_EPOCH = """
-import os, signal, sys
-import lightning.pytorch as pl
-from detect_waste_cls.cli import DEFAULT_MODEL, build_parser, config_from_args
-from detect_waste_cls.train import train
-
-class Kill(pl.Callback):
-    def on_train_epoch_start(self, trainer, pl_module):
-        if trainer.current_epoch == 1:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-train(config_from_args(build_parser().parse_args(sys.argv[1:]), DEFAULT_MODEL), callbacks=[Kill()])
-"""
-
-
 def test_a_run_killed_after_an_epoch_continues_in_its_own_folder(tmp_path, monkeypatch, capsys):
     table = tmp_path / "configs" / "t"
     table.mkdir(parents=True)
@@ -114,8 +96,10 @@ def test_a_run_killed_after_an_epoch_continues_in_its_own_folder(tmp_path, monke
     row_config = results / "configs" / "per_batch-seed0.json"  # where the runner writes it
     row_config.parent.mkdir(parents=True)
     row_config.write_text(json.dumps(reproduce.merge(tiny, row)))
-    killed = subprocess.run([PYTHON, "-c", KILLED_IN_THE_SECOND_EPOCH, "train", "--config", str(row_config),
-                             "--data", str(data), "--out", str(run), "--seed", "0", "--no-progress-bar"], cwd=REPO_ROOT)
+    # The runner's own train command, SIGKILLed as the second epoch starts: last.ckpt holds the first.
+    killed = recorded_run(tmp_path / "draws.jsonl", ["train", "--config", str(row_config), "--data", str(data),
+                                                     "--out", str(run), "--seed", "0", "--no-progress-bar"],
+                          kill_at="[1, 0]")
     assert killed.returncode == -9 and not (run / "metrics.json").exists()
 
     assert reproduce.main(["--data", str(data), "--table", "t", "--profile", "p", "--results", str(results)]) == 0

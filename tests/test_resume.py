@@ -1,42 +1,13 @@
 """Crash safety: a run killed with SIGKILL mid-epoch continues in its own folder with --resume auto."""
 
 import json
-import subprocess
 
 import pandas as pd
 import pytest
 
-from conftest import PYTHON, REPO_ROOT, make_tree, train_args
+from conftest import make_tree, recorded_run, train_args
 from detect_waste_cls.cli import main
 from detect_waste_cls.train import forget_epochs_after
-
-# Trains like the CLI with a callback that records every labeled and pseudolabel batch's image indices,
-# and, when KILL_AT is set, SIGKILLs its own process at that (epoch, batch): no handler, no cleanup.
-RECORDING_RUN = """
-import json, os, signal, sys
-import lightning.pytorch as pl
-from detect_waste_cls.cli import build_parser, config_from_args
-from detect_waste_cls.data import batch as keys
-from detect_waste_cls.train import train
-
-record, kill_at, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
-
-class Record(pl.Callback):
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if kill_at and [trainer.current_epoch, batch_idx] == json.loads(kill_at):
-            os.kill(os.getpid(), signal.SIGKILL)
-        drawn = {side: batch[side][keys.INDEX].tolist() for side in batch}
-        with open(record, "a") as file:
-            file.write(json.dumps([trainer.current_epoch, batch_idx, drawn]) + "\\n")
-
-train(config_from_args(build_parser().parse_args(argv), "simple-cnn"), callbacks=[Record()])
-"""
-
-
-def recorded_run(record, argv, kill_at=""):
-    return subprocess.run([PYTHON, "-c", RECORDING_RUN, str(record), kill_at, *argv], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=600)
-
 
 def read_draws(record):
     return [json.loads(line) for line in record.read_text().splitlines()]

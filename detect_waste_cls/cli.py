@@ -109,7 +109,8 @@ def build_parser(default_model: str = DEFAULT_MODEL) -> argparse.ArgumentParser:
 
 def run_test_mode(args: argparse.Namespace, config: TrainConfig) -> None:
     from detect_waste_cls.evaluate import evaluate_folder, format_report
-    from detect_waste_cls.train import SAMPLE_DATA, create_run_dir
+    from detect_waste_cls.resolve import SAMPLE_DATA
+    from detect_waste_cls.run_folder import create_run_dir
 
     if args.checkpoint is None:
         raise UserInputError("--mode test needs --checkpoint CKPT")

@@ -24,8 +24,11 @@ PSEUDO_MODES = ("none", "per_batch", "per_epoch", "teacher")
 PSEUDO_VIEWS = ("weak", "strong")  # what the pseudo-label loss sees: the train preset, or RandAugment + cutout
 PSEUDO_THRESHOLD_MODES = ("fixed", "flex")
 PSEUDO_TARGETS = ("hard", "soft")
-# lp-ft: train the head on frozen features, then everything with a smaller backbone learning rate.
+PSEUDO_WEIGHTINGS = ("threshold", "confidence")
+# lp-ft: a converged linear probe on frozen features (models/probe.py), then everything with a smaller backbone
+# learning rate; linear: the probe alone.
 FINETUNE_RECIPES = ("lp-ft", "linear", "full")
+PROBE_RECIPES = ("lp-ft", "linear")
 RESUME_AUTO = "auto"  # --resume auto: continue the run in --out from its checkpoints/last.ckpt
 # The checkpoint that is tested, exported and teaches the next round: lowest val/loss, or the end of training.
 FINAL_CHECKPOINTS = ("best", "last")
@@ -35,7 +38,6 @@ DEFAULT_MODEL = "efficientnet-lite0"
 FINETUNE_LR = 1e-3  # head learning rate when fine-tuning from weights
 SCRATCH_LR = 1e-4  # the original project's Adam learning rate
 LPFT_BACKBONE_LR_SCALE = 0.1
-LPFT_PROBE_SHARE = 0.25  # share of the epochs spent on the frozen-backbone phase
 
 
 def option(default: Any, *flags: str, help: str, choices: tuple | None = None, nargs: str | None = None) -> Any:
@@ -92,27 +94,23 @@ class ModelConfig(_Section):
 class OptimConfig(_Section):
     epochs: int = option(20, "--epochs", help="training epochs")
     lr: float | None = option(
-        None, "--lr", help="learning rate of the head once the backbone trains too "
-                           "(default: 1e-3 when fine-tuning, 1e-4 from scratch as the original)")
-    probe_lr: float = option(1e-2, "--probe-lr", help="learning rate of the head while the backbone is frozen")
+        None, "--lr", help="learning rate of the head (default: 1e-3 when fine-tuning, 1e-4 from scratch as the original)")
     decay: float = option(0.99, "--decay", help="learning-rate factor per epoch (exponential schedule)")
     optimizer: str = option("adam", "--optimizer", choices=OPTIMIZERS, help="optimizer")
     scheduler: str = option("exponential", "--scheduler", choices=SCHEDULERS, help="learning-rate schedule")
     weight_decay: float = option(0.0, "--weight-decay", help="weight decay")
     finetune: str | None = option(
         None, "--finetune", choices=FINETUNE_RECIPES,
-        help="lp-ft: the head alone on frozen features (batch-norm statistics too) for --probe-epochs, then "
-             "everything; linear: the head alone throughout; full: everything from the start "
-             "(default: lp-ft when starting from weights, full from scratch)")
-    probe_epochs: int | None = option(
-        None, "--probe-epochs", help="epochs of the frozen-backbone phase of lp-ft (default: a quarter of --epochs)")
+        help="lp-ft: a linear probe fitted to convergence on frozen features, then everything trains; linear: that "
+             "probe alone (one feature pass, no epochs); full: everything from the start (default: lp-ft when "
+             "starting from weights, full from scratch)")
     backbone_lr_scale: float | None = option(
         None, "--backbone-lr-scale",
-        help="backbone learning rate = --lr x this once it trains (default: 0.1 for lp-ft, 1 for full)")
+        help="backbone learning rate = --lr x this (default: 0.1 for lp-ft, 1 for full)")
     freeze_bn: bool | None = option(
         None, "--freeze-bn",
         help="keep the backbone's batch-norm statistics as loaded while it trains: a few labeled images give noisy "
-             "batch statistics (default: yes for lp-ft and linear, no for full)")
+             "batch statistics (default: yes for lp-ft, no for full)")
     final_checkpoint: str = option(
         "last", "--final-checkpoint", choices=FINAL_CHECKPOINTS,
         help="what is tested, exported and teaches the next round: last (the end of training) or best (lowest "
@@ -126,16 +124,16 @@ class OptimConfig(_Section):
     def resolved(self, *, starts_from_weights: bool) -> "OptimConfig":
         """Defaults that depend on the start: fine-tuning gets lp-ft, from scratch trains everything."""
         finetune = self.finetune or ("lp-ft" if starts_from_weights else "full")
-        probe_epochs = {"linear": self.epochs, "full": 0}.get(finetune, self.probe_epochs)
-        if probe_epochs is None:
-            probe_epochs = round(self.epochs * LPFT_PROBE_SHARE)
         scale = self.backbone_lr_scale
         if scale is None:
             scale = LPFT_BACKBONE_LR_SCALE if finetune == "lp-ft" else 1.0
         lr = self.lr if self.lr is not None else (FINETUNE_LR if starts_from_weights else SCRATCH_LR)
         freeze_bn = self.freeze_bn if self.freeze_bn is not None else finetune != "full"
-        return dataclasses.replace(self, lr=lr, finetune=finetune, probe_epochs=probe_epochs, backbone_lr_scale=scale,
-                                   freeze_bn=freeze_bn)
+        return dataclasses.replace(self, lr=lr, finetune=finetune, backbone_lr_scale=scale, freeze_bn=freeze_bn)
+
+    @property
+    def starts_from_probe(self) -> bool:
+        return self.finetune in PROBE_RECIPES
 
 
 @dataclass(frozen=True)
@@ -145,10 +143,14 @@ class PseudoConfig(_Section):
                             "/ each step's images (per_batch with the strong view is FixMatch); teacher: a trained "
                             "teacher labels it once and a fresh student learns from those labels, for --pseudo-rounds")
     start: int | None = option(None, "--pseudo-start",
-                               help="first epoch that uses pseudo-labels (default: the first epoch after lp-ft's "
-                                    "probe phase; half of --epochs from scratch; 0 with a teacher)")
+                               help="first epoch that uses pseudo-labels (default: 0 after a linear probe or with a "
+                                    "teacher; half of --epochs from scratch)")
     threshold: float = option(0.9, "--pseudo-threshold",
                               help="only pseudo-labels at least this confident enter the loss; 0 uses all")
+    weighting: str = option(
+        "threshold", "--pseudo-weighting", choices=PSEUDO_WEIGHTINGS,
+        help="threshold: each passing image counts fully; confidence: each passing image counts as much as its "
+             "label's confidence (with --pseudo-threshold 0, every image, weighted)")
     weight: float = option(1.0, "--pseudo-weight", help="weight of the pseudo-label loss term")
     rampup: float = option(2.0, "--pseudo-rampup", help="epochs over which that weight rises linearly from 0")
     ratio: float = option(3.0, "--pseudo-ratio",
@@ -162,34 +164,50 @@ class PseudoConfig(_Section):
         help="fixed: --pseudo-threshold for every class; flex: FlexMatch's per-class thresholds, lower for classes "
              "that few pseudo-labels pass yet")
     targets: str = option("hard", "--pseudo-targets", choices=PSEUDO_TARGETS,
-                          help="hard: the predicted class; soft: the predicted distribution, sharpened by --pseudo-temperature")
+                          help="hard: the predicted class; soft: the predicted distribution, distilled at "
+                               "--pseudo-temperature")
     align: bool = option(
         False, "--pseudo-align",
         help="distribution alignment (ReMixMatch): scale each pseudo-label distribution by the labeled split's class "
              "frequencies over the mean prediction on the pseudolabel split, so an over-predicted class loses labels")
-    temperature: float = option(1.0, "--pseudo-temperature",
-                                help="soft targets are p^(1/T), renormalized: below 1 sharpens, 1 keeps p as it is")
-    teacher: str | None = option(None, "--pseudo-teacher",
-                                 help="teacher mode: the checkpoint that labels the pseudolabel split (default: a "
-                                      "supervised model trained first, as round 0 in the same run folder)")
+    temperature: float = option(
+        1.0, "--pseudo-temperature",
+        help="soft targets: the distillation temperature T (Hinton et al. 2015), loss T^2 KL(softmax(log p / T) || "
+             "softmax(z / T)): below 1 sharpens the targets, above 1 softens both sides, 1 is cross-entropy to p")
+    teacher: tuple[str, ...] | None = option(
+        None, "--pseudo-teacher", nargs="+",
+        help="teacher mode: the checkpoints or exported folders that label the pseudolabel split; several label with "
+             "the mean of their probabilities, each at its own size and normalization, each over the image and its "
+             "flip (default: supervised models trained first, as round 0 of the same run)")
+    teacher_models: tuple[str, ...] | None = option(
+        None, "--pseudo-teacher-models", nargs="+",
+        help="teacher mode without --pseudo-teacher: round 0 trains one model of each of these names, each at its "
+             "native size (e.g. efficientnet-lite0 efficientnet-lite1 efficientnet-lite2), and their ensemble "
+             "labels (default: --model alone)")
+    teacher_finetune: str | None = option(
+        None, "--pseudo-teacher-finetune", choices=FINETUNE_RECIPES,
+        help="the recipe of round 0's teachers (default: the run's own --finetune; linear: each the converged probe "
+             "alone, one feature pass)")
     rounds: int = option(1, "--pseudo-rounds", help="teacher mode: student rounds, each round's final student "
                                                     "(--final-checkpoint) teaching the next")
 
-    def resolved(self, *, epochs: int, probe_epochs: int = 0) -> "PseudoConfig":
+    def resolved(self, *, epochs: int, starts_from_probe: bool = False) -> "PseudoConfig":
         mode = "teacher" if self.teacher is not None and self.mode == "none" else self.mode
         if self.teacher is not None and mode != "teacher":
             raise UserInputError(f"--pseudo-teacher labels once, in teacher mode; it cannot be combined with --pseudo {mode}")
         if self.rounds < 1:
             raise UserInputError(f"--pseudo-rounds {self.rounds}: at least one student round")
-        # A fixed teacher's labels are ready from the first step. A refreshing one should have trained first:
-        # when fine-tuning, the linear probe is that teacher, so labels start with the first epoch that
-        # trains the backbone (the best setting of the README's 5% study); from scratch, half-way.
+        if self.teacher is not None and self.teacher_models:
+            raise UserInputError("--pseudo-teacher-models trains round 0's teachers; with --pseudo-teacher there is "
+                                 "no round 0: give one of the two")
+        # A fixed teacher's labels are ready from the first step, and so are a converged probe's; from scratch,
+        # a refreshing teacher trains for half the run first.
         if self.start is not None:
             start = self.start
-        elif mode == "teacher":
+        elif mode == "teacher" or starts_from_probe:
             start = 0
         else:
-            start = probe_epochs if 0 < probe_epochs < epochs else epochs // 2
+            start = epochs // 2
         return dataclasses.replace(self, mode=mode, start=start)
 
 

@@ -20,7 +20,8 @@ from detect_waste_cls.data.images import keep_decodable, resolve_test_folder, sc
 from detect_waste_cls.export import load_model
 from detect_waste_cls.models.classifier import temperature_scaled
 from detect_waste_cls.plots import plot_confusion, plot_reliability
-from detect_waste_cls.predict import path_logits
+from detect_waste_cls.errors import UserInputError
+from detect_waste_cls.predict import path_logits, path_probabilities_with_flip
 
 EVALUATION_FILES = ("metrics.json", "classification_report.txt", "confusion_matrix.png", "reliability_diagram.png",
                     "predictions.csv")
@@ -101,17 +102,40 @@ def write_evaluation(
     return metrics
 
 
+def _test_images(folder: str | Path, classes: Sequence[str]) -> tuple[list[Path], torch.Tensor, list[Path]]:
+    """(decodable paths, their targets, skipped paths) of a folder of class subfolders (only classes the model knows)."""
+    images = scan_labeled_folder(resolve_test_folder(folder), list(classes))
+    decodable = keep_decodable(images.paths, Path(folder))
+    kept = set(decodable.paths)
+    targets = torch.tensor([target for path, target in zip(images.paths, images.targets) if path in kept])
+    return decodable.paths, targets, images.skipped + decodable.skipped
+
+
 def evaluate_folder(
     model_path: str | Path, folder: str | Path, out_dir: str | Path, *, batch_size: int = 64, num_workers: int = 0,
     device: str | torch.device = "cpu",
 ) -> dict:
     """Score a checkpoint or exported folder on a folder of class subfolders (only classes the model knows)."""
-    out_dir = Path(out_dir)
     model = load_model(model_path).to(device)
-    images = scan_labeled_folder(resolve_test_folder(folder), model.classes)
-    decodable = keep_decodable(images.paths, Path(folder))
-    kept = set(decodable.paths)
-    targets = torch.tensor([target for path, target in zip(images.paths, images.targets) if path in kept])
-    logits = path_logits(model, decodable.paths, batch_size=batch_size, num_workers=num_workers)
-    return write_evaluation(out_dir, decodable.paths, targets, logits, model.classes, temperature=model.temperature,
-                            skipped=images.skipped + decodable.skipped)
+    paths, targets, skipped = _test_images(folder, model.classes)
+    logits = path_logits(model, paths, batch_size=batch_size, num_workers=num_workers)
+    return write_evaluation(Path(out_dir), paths, targets, logits, model.classes, temperature=model.temperature,
+                            skipped=skipped)
+
+
+def evaluate_ensemble(
+    model_paths: Sequence[str | Path], folder: str | Path, out_dir: str | Path, *, batch_size: int = 64,
+    num_workers: int = 0, device: str | torch.device = "cpu",
+) -> dict:
+    """Score the mean of several models' probabilities, each model over the image and its flip at its own size:
+    the labels an ensemble of teachers gives (pseudo/teachers.py), measured on a labeled folder."""
+    models = [load_model(path).to(device) for path in model_paths]
+    classes = models[0].classes
+    for path, model in zip(model_paths, models):
+        if model.classes != classes:
+            raise UserInputError(f"{path} knows classes {model.classes}, but {model_paths[0]} knows {classes}")
+    paths, targets, skipped = _test_images(folder, classes)
+    probabilities = torch.stack([path_probabilities_with_flip(model, paths, batch_size=batch_size,
+                                                              num_workers=num_workers) for model in models]).mean(0)
+    return write_evaluation(Path(out_dir), paths, targets, probabilities.clamp(min=1e-12).log(), classes,
+                            skipped=skipped)

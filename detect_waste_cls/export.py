@@ -15,6 +15,7 @@ from safetensors.torch import save_model as save_safetensors
 from detect_waste_cls import __version__
 from detect_waste_cls.config import ModelConfig
 from detect_waste_cls.errors import UserInputError
+from detect_waste_cls.models.backbones import TIMM_PREFIX
 from detect_waste_cls.models.classifier import LitterClassifier, load_classifier
 
 log = logging.getLogger(__name__)
@@ -94,8 +95,7 @@ def export_model(checkpoint: str | Path, out: str | Path, *, onnx: bool = False,
         "input": "RGB, resized to image_size x image_size, scaled to [0, 1], then (x - mean) / std",
         "onnx_output": "logits already divided by temperature: softmax gives calibrated probabilities",
     }
-    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-    save_safetensors(model.model, str(out / WEIGHTS_FILE))
+    write_weights_and_config(model, config, out)
     if metrics is not None:
         (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
     (out / CARD_FILE).write_text(model_card(config, metrics, training))
@@ -116,6 +116,24 @@ class _CalibratedLogits(torch.nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images) / self.temperature
+
+
+def write_weights_and_config(model: LitterClassifier, config: dict, out: Path) -> None:
+    """config.json and model.safetensors. A model timm builds gets timm's own format (what `save_for_hf` writes,
+    so `timm.create_model("local-dir:OUT", pretrained=True)` loads it, label_names set), our keys beside timm's."""
+    timm_name = model.backbone_entry.timm_name
+    if timm_name is None:  # torchvision, efficientnet-pytorch, the small CNN: timm cannot build these
+        (out / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        save_safetensors(model.model, str(out / WEIGHTS_FILE))
+        return
+    from timm.models._hub import save_for_hf
+
+    mean, std = model.normalization
+    # Our eval transform: a plain resize to image_size (no crop), then (x - mean) / std.
+    data_config = {"input_size": (3, model.image_size, model.image_size), "mean": mean, "std": std, "crop_pct": 1.0,
+                   "interpolation": "bilinear"}
+    save_for_hf(model.model, out, model_config={"label_names": model.classes, **config}, safe_serialization=True,
+                data_config=data_config)
 
 
 def export_onnx(model: LitterClassifier, path: Path) -> Path:
@@ -143,11 +161,20 @@ def export_onnx(model: LitterClassifier, path: Path) -> Path:
 
 
 def model_card(config: dict, metrics: dict | None, training: dict | None) -> str:
-    """README.md of an exported folder: what the model is, how well it did, what it is for and not for."""
+    """README.md of an exported folder (the Hugging Face model-card layout): what the model is, how well it did,
+    what it is for and not for."""
     classes = ", ".join(config["classes"])
+    timm_name = config["model"].removeprefix(TIMM_PREFIX) if config["model"].startswith(TIMM_PREFIX) else None
+    if timm_name:
+        loading = ["", "timm loads this folder as it is (architecture " f"`{timm_name}`, `label_names` = the classes):",
+                   "```python", "import timm",
+                   "model = timm.create_model(\"local-dir:THIS_FOLDER\", pretrained=True).eval()", "```"]
+    else:
+        loading = ["", f"The folder is in detect-waste-cls's own format: timm cannot build `{config['model']}`."]
     lines = [
         "---",
-        "library_name: detect-waste-cls",
+        f"library_name: {'timm' if timm_name else 'detect-waste-cls'}",
+        "pipeline_tag: image-classification",
         "tags: [image-classification, waste, recycling, litter]",
         "---",
         f"# {config['model']} waste classifier",
@@ -165,6 +192,7 @@ def model_card(config: dict, metrics: dict | None, training: dict | None) -> str
         "```",
         "or `detect-waste-cls predict --checkpoint THIS_FOLDER --images PHOTOS --out predictions.csv`, or "
         "`detect-waste-cls app --model THIS_FOLDER`.",
+        *loading,
         "",
         "## Test metrics",
     ]

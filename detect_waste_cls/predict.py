@@ -17,11 +17,35 @@ from detect_waste_cls.export import load_model
 from detect_waste_cls.models.classifier import LitterClassifier
 
 
+@torch.inference_mode()
+def flip_averaged_probabilities(model: LitterClassifier, loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dataset indices, mean of softmax(model(image)) and softmax(model(mirror image))) for every item of `loader`."""
+    model.eval()
+    indices, probabilities = [], []
+    for batch in loader:
+        images = batch[keys.IMAGE].to(model.device, non_blocking=True)
+        mean = (model(images).float().softmax(dim=1) + model(images.flip(dims=[3])).float().softmax(dim=1)) / 2
+        probabilities.append(mean.cpu())
+        indices.append(torch.as_tensor(batch[keys.INDEX]).cpu())
+    if not indices:
+        return torch.empty(0, dtype=torch.long), torch.empty(0, len(model.classes))
+    return torch.cat(indices), torch.cat(probabilities)
+
+
 def path_logits(model: LitterClassifier, paths: Sequence[Path], *, batch_size: int = 64, num_workers: int = 0) -> torch.Tensor:
     """Raw logits for each image, in the order of `paths`, at the model's own size and normalization."""
     dataset = ImageDataset(paths, {keys.IMAGE: model.eval_view()})
     logits, indices = model.predict_logits(DataLoader(dataset, batch_size=batch_size, num_workers=num_workers))
     return logits[indices.argsort()]
+
+
+def path_probabilities_with_flip(model: LitterClassifier, paths: Sequence[Path], *, batch_size: int = 64,
+                                 num_workers: int = 0) -> torch.Tensor:
+    """The model's own softmax (no calibration), averaged over each image and its mirror image, in the order of `paths`."""
+    dataset = ImageDataset(paths, {keys.IMAGE: model.eval_view()})
+    indices, probabilities = flip_averaged_probabilities(model, DataLoader(dataset, batch_size=batch_size,
+                                                                           num_workers=num_workers))
+    return probabilities[indices.argsort()]
 
 
 def predict_paths(model: LitterClassifier, paths: Sequence[Path], *, batch_size: int = 64, num_workers: int = 0) -> torch.Tensor:

@@ -19,7 +19,7 @@ from PIL import Image
 
 from detect_waste_cls.cli import main
 from detect_waste_cls.data.datamodule import DatasetLayout
-from detect_waste_cls.train import SKIPPED_FILES
+from detect_waste_cls.run_folder import SKIPPED_FILES
 
 
 def add_files(folder: Path, photo: Path) -> tuple[list[Path], list[Path]]:

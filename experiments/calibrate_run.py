@@ -17,8 +17,8 @@ from pathlib import Path
 from detect_waste_cls.config import TrainConfig, read_config_file
 from detect_waste_cls.data.datamodule import WasteDataModule
 from detect_waste_cls.evaluate import evaluate_folder
+from detect_waste_cls.fit import calibrate_run
 from detect_waste_cls.models.backbones import get_backbone
-from detect_waste_cls.train import calibrate_run
 
 
 def main() -> None:

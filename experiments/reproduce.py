@@ -25,7 +25,7 @@ import pandas as pd
 
 from detect_waste_cls.config import RESUME_AUTO, TrainConfig, merge, read_config_file
 from detect_waste_cls.errors import UserInputError
-from detect_waste_cls.train import LAST_CHECKPOINT
+from detect_waste_cls.run_folder import LAST_CHECKPOINT
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 DONE_MARKER = "runner.json"

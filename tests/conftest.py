@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from detect_waste_cls.train import LAST_CHECKPOINT
+from detect_waste_cls.run_folder import LAST_CHECKPOINT
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRASHNET = REPO_ROOT.parent / "shared" / "data" / "trashnet"

@@ -1,4 +1,4 @@
-"""Runs one training with the CLI's arguments and saves every rank's pseudo-label store.
+"""Runs one training with the CLI's arguments and saves every rank's pseudo-label store and starting head.
 
 Used by test_pseudo.py: `python tests/ddp_probe.py DUMP_DIR <train arguments>`. DDP re-runs this
 script for the second rank, so both ranks get the dumping callback.
@@ -25,6 +25,8 @@ class DumpStores(pl.Callback):
 
     def on_train_start(self, trainer, pl_module):
         self._dump(trainer, "start")
+        head = {k: v.detach().cpu() for k, v in pl_module.head.state_dict().items()}
+        torch.save(head, self.folder / f"head_rank{trainer.global_rank}.pt")
 
     def on_train_end(self, trainer, pl_module):
         self._dump(trainer, "end")

@@ -106,7 +106,8 @@ def test_a_nan_loss_stops_training_with_one_message_and_keeps_the_last_good_chec
     import torch
 
     from detect_waste_cls.cli import build_parser, config_from_args
-    from detect_waste_cls.train import TrainingDiverged, train
+    from detect_waste_cls.monitoring import TrainingDiverged
+    from detect_waste_cls.train import train
 
     class PoisonSecondEpoch(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):

@@ -106,8 +106,9 @@ def test_teacher_settings_resolve_to_teacher_mode_and_conflicts_are_one_line_err
     assert PseudoConfig(teacher="t.ckpt").resolved(epochs=10).mode == "teacher"
     assert PseudoConfig(mode="teacher").resolved(epochs=10).start == 0  # a fixed teacher's labels are ready at once
     assert PseudoConfig(mode="per_batch").resolved(epochs=10).start == 5  # from scratch: half-way
-    assert PseudoConfig(mode="per_batch").resolved(epochs=12, probe_epochs=3).start == 3  # lp-ft: after the probe
-    assert PseudoConfig(mode="per_batch").resolved(epochs=12, probe_epochs=12).start == 6  # linear: half-way
+    assert PseudoConfig(mode="per_batch").resolved(epochs=12, starts_from_probe=True).start == 0  # a converged probe
+    with pytest.raises(UserInputError, match="--pseudo-teacher-models trains round 0's teachers"):
+        PseudoConfig(teacher=("t.ckpt",), teacher_models=("simple-cnn",)).resolved(epochs=10)
     with pytest.raises(UserInputError, match="cannot be combined with --pseudo per_batch"):
         PseudoConfig(mode="per_batch", teacher="t.ckpt").resolved(epochs=10)
     with pytest.raises(UserInputError, match="--pseudo-rounds 0"):

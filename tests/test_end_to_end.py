@@ -12,7 +12,7 @@ from conftest import PYTHON, REPO_ROOT, final_checkpoint, make_tree, train_args,
 from detect_waste_cls.cli import main
 from detect_waste_cls.evaluate import EVALUATION_FILES
 from detect_waste_cls.models.backbones import get_backbone
-from detect_waste_cls.train import create_run_dir
+from detect_waste_cls.run_folder import create_run_dir
 
 
 @pytest.fixture(scope="module")

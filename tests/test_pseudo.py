@@ -1,7 +1,6 @@
 """Pseudo-labeling: loss arithmetic, the store, folder labels kept out of the loss, DDP and resume."""
 
 import json
-import math
 import shutil
 import subprocess
 
@@ -14,7 +13,7 @@ from detect_waste_cls.cli import main
 from detect_waste_cls.config import ModelConfig
 from detect_waste_cls.errors import UserInputError
 from detect_waste_cls.pseudo.loss import (align_distribution, confident_mask, flex_thresholds, linear_rampup,
-                                          masked_pseudo_label_loss, sharpen)
+                                          image_weights, pseudo_label_loss)
 from detect_waste_cls.pseudo.store import PseudoLabelStore
 
 
@@ -31,7 +30,7 @@ def test_mask_keeps_only_labelled_confident_images_and_averages_over_the_batch()
     labels = torch.tensor([0, 2, -1, 1])
     mask = confident_mask(labels, torch.tensor([0.95, 0.5, 0.99, 0.9]), 0.9)
     assert mask.tolist() == [True, False, False, True]
-    loss = masked_pseudo_label_loss(logits, labels.clamp(min=0), mask)
+    loss = pseudo_label_loss(logits, labels.clamp(min=0), mask.float())
     expected = (torch.nn.functional.cross_entropy(logits[[0, 3]], labels[[0, 3]], reduction="sum")) / 4
     assert loss.item() == pytest.approx(expected.item())
 
@@ -39,7 +38,7 @@ def test_mask_keeps_only_labelled_confident_images_and_averages_over_the_batch()
 def test_fully_masked_term_is_an_exact_zero_that_still_reaches_every_logit():
     logits = torch.randn(3, 4, requires_grad=True)
     mask = confident_mask(torch.tensor([-1, 1, 2]), torch.tensor([1.0, 0.1, 0.2]), 0.5)
-    loss = masked_pseudo_label_loss(logits, torch.tensor([0, 1, 2]), mask)
+    loss = pseudo_label_loss(logits, torch.tensor([0, 1, 2]), mask.float())
     assert not mask.any() and loss.item() == 0.0
     loss.backward()
     assert logits.grad is not None and torch.count_nonzero(logits.grad) == 0
@@ -50,16 +49,35 @@ def test_threshold_zero_uses_every_set_label_as_the_original_did():
     assert mask.tolist() == [True, True, False]
 
 
-def test_soft_targets_are_sharpened_and_their_loss_matches_a_hand_computation():
+def test_soft_targets_are_distilled_with_hintons_loss_at_temperature_t():
     probabilities = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.2, 0.6]])
-    targets = sharpen(probabilities, temperature=0.5)  # p^2, renormalized
-    assert targets[0].tolist() == pytest.approx([0.36 / 0.46, 0.09 / 0.46, 0.01 / 0.46])
-    assert torch.equal(sharpen(probabilities, 1.0), probabilities / probabilities.sum(1, keepdim=True))
-    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
-    loss = masked_pseudo_label_loss(logits, targets, torch.tensor([True, False]))
-    log_softmax = [2 - math.log(math.exp(2) + 2), -math.log(math.exp(2) + 2), -math.log(math.exp(2) + 2)]
-    expected = -sum(t * l for t, l in zip(targets[0].tolist(), log_softmax)) / 2  # the masked image counts in the mean
-    assert loss.item() == pytest.approx(expected)
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]], requires_grad=True)
+    for temperature in (0.5, 1.0, 2.0):
+        loss = pseudo_label_loss(logits, probabilities, torch.tensor([1.0, 0.0]), temperature)
+        teacher = probabilities[0] ** (1 / temperature) / (probabilities[0] ** (1 / temperature)).sum()
+        student = torch.softmax(logits[0].detach() / temperature, 0)
+        kl = float((teacher * (teacher / student).log()).sum())
+        # T^2 KL of the one weighted image; the zero-weight image still counts in the mean over the batch.
+        assert loss.item() == pytest.approx(temperature**2 * kl / 2, rel=1e-5)
+    # At T = 1 its gradient is cross-entropy's: softmax(z) - p.
+    logits.grad = None
+    pseudo_label_loss(logits, probabilities, torch.ones(2)).backward()
+    expected = (torch.softmax(logits.detach(), 1) - probabilities) / 2
+    assert torch.allclose(logits.grad, expected, atol=1e-6)
+
+
+def test_a_student_that_reproduces_its_teacher_has_zero_distillation_loss():
+    probabilities = torch.tensor([[0.7, 0.2, 0.1], [0.05, 0.15, 0.8]])
+    student = probabilities.log() + torch.tensor([[3.0], [-1.0]])  # equal up to a constant per image
+    for temperature in (0.5, 1.0, 4.0):
+        assert pseudo_label_loss(student, probabilities, torch.ones(2), temperature).item() == pytest.approx(0, abs=1e-6)
+
+
+def test_confidence_weighting_counts_each_passing_label_as_much_as_its_confidence():
+    labels, confidence = torch.tensor([0, 1, 2, -1]), torch.tensor([0.95, 0.6, 0.3, 0.99])
+    assert image_weights(labels, confidence, 0.5).tolist() == [1.0, 1.0, 0.0, 0.0]
+    assert image_weights(labels, confidence, 0.5, "confidence").tolist() == pytest.approx([0.95, 0.6, 0.0, 0.0])
+    assert image_weights(labels, confidence, 0.0, "confidence").tolist() == pytest.approx([0.95, 0.6, 0.3, 0.0])
 
 
 def test_flex_thresholds_follow_flexmatch_on_a_hand_made_case():

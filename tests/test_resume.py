@@ -7,7 +7,7 @@ import pytest
 
 from conftest import make_tree, recorded_run, train_args
 from detect_waste_cls.cli import main
-from detect_waste_cls.train import forget_epochs_after
+from detect_waste_cls.run_folder import forget_epochs_after
 
 def read_draws(record):
     return [json.loads(line) for line in record.read_text().splitlines()]

@@ -1,22 +1,28 @@
-"""The EMA teacher and teacher/student rounds (Noisy Student), on tiny real models."""
+"""The EMA teacher, teacher ensembles and their cached labels, and teacher/student rounds, on tiny real models."""
 
+import json
+import subprocess
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pandas as pd
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
+from conftest import COLOURS, PYTHON, REPO_ROOT, make_tree, train_args
 from detect_waste_cls import TrainConfig, train
 from detect_waste_cls.config import read_config_file
+from detect_waste_cls.errors import UserInputError
 from detect_waste_cls.models.classifier import load_classifier
-from detect_waste_cls.models.ema import EMATeacher, find_ema_teacher
-from detect_waste_cls.predict import path_logits
+from detect_waste_cls.models.ema import EMATeacher
+from detect_waste_cls.predict import path_probabilities_with_flip
+from detect_waste_cls.pseudo.teachers import TEACHER_LABELS_DIR
 
 
-def tiny_config(data, out, **sections) -> TrainConfig:
+def tiny_config(root, out, **sections) -> TrainConfig:
     config = TrainConfig().replace(
-        data={"root": str(data), "image_size": 32, "batch_size": 8, "num_workers": 0},
+        data={"root": str(root), "image_size": 32, "batch_size": 8, "num_workers": 0},
         model={"name": "simple-cnn"}, optim={"epochs": 2, "lr": 3e-3},
         run={"out": str(out), "accelerator": "cpu", "progress_bar": False},
     )
@@ -48,23 +54,6 @@ def test_ema_teacher_is_what_is_checkpointed_and_resume_restores_both_models(tmp
     assert all(torch.equal(seen["average"][k], averaged[k]) for k in averaged)
 
 
-def test_the_ema_restarts_from_the_weights_in_training_when_the_backbone_unfreezes(tmp_path, tiny_tree):
-    # Averaged across lp-ft's phase change, the EMA would carry the linear-probe model into fine-tuning.
-    average_is_current = []
-
-    class AtSecondStep(pl.Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-            if batch_idx == 1:  # one update into the epoch
-                average = find_ema_teacher(trainer).averaged_model().state_dict()
-                average_is_current.append(all(torch.equal(v, average[k]) for k, v in pl_module.state_dict().items()))
-
-    config = tiny_config(tiny_tree, tmp_path / "run",
-                         optim={"epochs": 3, "finetune": "lp-ft", "probe_epochs": 1, "ema_decay": 0.5})
-    train(config, callbacks=[AtSecondStep()])
-    # The first update copies the weights, at the start of training and again after the probe; then it averages.
-    assert average_is_current == [True, True, False]
-
-
 def test_teacher_rounds_each_train_a_student_on_the_previous_rounds_labels(tmp_path, tiny_tree):
     data = tiny_tree
     result = train(tiny_config(data, tmp_path / "run", pseudo={"mode": "teacher", "rounds": 2, "threshold": 0.0}))
@@ -75,15 +64,81 @@ def test_teacher_rounds_each_train_a_student_on_the_previous_rounds_labels(tmp_p
     for number in (1, 2):
         teacher = rounds.checkpoint[number - 1]
         assert rounds.teacher[number] == teacher
-        # The student's labels are its teacher's predictions on the eval view, made once, from its own softmax:
-        # the teacher is calibrated, and its temperature must not move the thresholds.
+        # The student's labels are its teacher's predictions on the eval view and its mirror image, made once,
+        # from its own softmax: the teacher is calibrated, and its temperature must not move the thresholds.
         labels = pd.read_csv(tmp_path / "run" / f"round-{number}" / "pseudo_labels.csv")
         model = load_classifier(teacher)
         assert model.temperature != 1.0
-        logits = path_logits(model, [Path(p) for p in labels.path], batch_size=8)
-        confidence, predicted = logits.softmax(dim=1).max(dim=1)
+        probabilities = path_probabilities_with_flip(model, [Path(p) for p in labels.path], batch_size=8)
+        confidence, predicted = probabilities.max(dim=1)
         assert labels.label.tolist() == [model.classes[i] for i in predicted]
         assert labels.confidence.to_numpy() == pytest.approx(confidence.numpy(), abs=1e-5)
     # The whole run replays from its top config.json.
     replay = TrainConfig.from_dict(read_config_file(tmp_path / "run" / "config.json"))
     assert (replay.pseudo.mode, replay.pseudo.rounds, replay.pseudo.teacher) == ("teacher", 2, None)
+
+
+def test_an_ensemble_labels_with_the_mean_of_each_teachers_flip_averaged_probabilities_and_caches_them(
+        tmp_path, tiny_tree):
+    # Two teachers that see the images differently: 32 px with ImageNet's normalization, 48 px with [-1, 1].
+    small = train(tiny_config(tiny_tree, tmp_path / "small", optim={"epochs": 1})).final_checkpoint
+    lite = train(tiny_config(tiny_tree, tmp_path / "lite", model={"name": "efficientnet-lite0"},
+                             data={"image_size": 48}, optim={"epochs": 1})).final_checkpoint
+    teachers = (str(small), str(lite))
+    student = train(tiny_config(tiny_tree, tmp_path / "runs" / "a",
+                                pseudo={"teacher": teachers, "targets": "soft", "threshold": 0.0}))
+    labels = pd.read_csv(student.run_dir / "round-1" / "pseudo_labels.csv")
+    paths = [Path(p) for p in labels.path]
+    expected = torch.stack([path_probabilities_with_flip(load_classifier(t), paths) for t in teachers]).mean(0)
+    cached = sorted((tmp_path / "runs" / TEACHER_LABELS_DIR).glob("*.safetensors"))  # one entry per teacher
+    assert len(cached) == 2
+    assert torch.allclose(sum(load_file(path)["probabilities"] for path in cached) / 2, expected, atol=1e-5)
+    assert labels.confidence.to_numpy() == pytest.approx(expected.max(1).values.numpy(), abs=1e-5)
+    classes = load_classifier(small).classes
+    assert labels.label.tolist() == [classes[i] for i in expected.argmax(1)]
+    # A second student of the same teachers on the same images reads the cached labels instead of labeling again.
+    for path in cached:
+        save_file({"probabilities": torch.eye(len(classes))[[0] * len(paths)]}, path)
+    again = train(tiny_config(tiny_tree, tmp_path / "runs" / "b", pseudo={"teacher": teachers, "threshold": 0.0}))
+    assert set(pd.read_csv(again.run_dir / "round-1" / "pseudo_labels.csv").label) == {classes[0]}
+
+
+def test_round_0_trains_a_teacher_per_model_and_scores_their_ensemble(tmp_path, tiny_tree):
+    config = tiny_config(tiny_tree, tmp_path / "run", pseudo={
+        "mode": "teacher", "teacher_models": ["simple-cnn", "resnet18"], "teacher_finetune": "linear",
+        "targets": "soft", "threshold": 0.0})
+    result = train(config)
+    rounds = pd.read_csv(tmp_path / "run" / "rounds.csv")
+    assert rounds["round"].tolist() == ["round-0-simple-cnn", "round-0-resnet18", "ensemble", "round-1"]
+    assert rounds.model.tolist() == ["simple-cnn", "resnet18", "ensemble", "simple-cnn"]
+    assert [r.config.optim.finetune for r in result.rounds] == ["linear", "linear", "full"]  # the student: its own default
+    assert rounds.teacher[3].split() == rounds.checkpoint[:2].tolist()
+    ensemble = json.loads((tmp_path / "run" / "round-0-ensemble" / "metrics.json").read_text())
+    assert rounds.accuracy[2] == pytest.approx(ensemble["accuracy"])
+    assert rounds.accuracy.notna().all()
+
+
+def test_linear_trains_no_epoch_so_it_cannot_be_a_pseudo_labeling_student(tmp_path, tiny_tree):
+    with pytest.raises(UserInputError, match="--pseudo-teacher-finetune linear"):
+        train(tiny_config(tiny_tree, tmp_path / "run", optim={"finetune": "linear"}, pseudo={"mode": "per_epoch"}))
+
+
+def test_under_ddp_every_rank_starts_from_the_probe_and_the_ensembles_labels_labeled_in_shards(tmp_path):
+    data = make_tree(tmp_path / "data", {"train": {n: 8 for n in COLOURS}, "test": {n: 2 for n in COLOURS}}, pseudo=15)
+    small = train(tiny_config(data, tmp_path / "small", optim={"epochs": 1})).final_checkpoint
+    other = train(tiny_config(data, tmp_path / "other", model={"name": "resnet18"}, data={"image_size": 40},
+                              optim={"epochs": 1})).final_checkpoint
+    dumps = tmp_path / "dumps"
+    args = train_args(data, tmp_path / "runs" / "student", "--devices", "2", "--model", "efficientnet-lite0",
+                      "--pseudo-teacher", str(small), str(other), "--pseudo-threshold", "0")
+    args[args.index("--epochs") + 1] = "1"
+    subprocess.run([PYTHON, str(REPO_ROOT / "tests" / "ddp_probe.py"), str(dumps), *args], check=True, cwd=REPO_ROOT,
+                   timeout=300)
+    heads = [torch.load(dumps / f"head_rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+    assert all(torch.equal(heads[0][k], heads[1][k]) for k in heads[0])  # rank 0's probe, broadcast
+    stores = [torch.load(dumps / f"end_rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+    assert torch.equal(stores[0]["probabilities"], stores[1]["probabilities"])
+    paths = [Path(p) for p in pd.read_csv(tmp_path / "runs" / "student" / "round-1" / "pseudo_labels.csv").path]
+    expected = torch.stack([path_probabilities_with_flip(load_classifier(t), paths) for t in (small, other)]).mean(0)
+    assert torch.allclose(stores[0]["probabilities"], expected, atol=1e-5)  # each rank labeled half; all gathered
+    assert len(list((tmp_path / "runs" / TEACHER_LABELS_DIR).glob("*.safetensors"))) == 2

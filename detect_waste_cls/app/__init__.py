@@ -21,7 +21,7 @@ from PIL import Image
 from detect_waste_cls.data.images import DECODE_ERRORS, load_rgb
 from detect_waste_cls.errors import UserInputError
 from detect_waste_cls.export import is_exported_folder
-from detect_waste_cls.train import LAST_CHECKPOINT
+from detect_waste_cls.run_folder import LAST_CHECKPOINT
 
 # Limits on an uploaded file, in one place. Streamlit counts megabytes as MiB.
 MAX_UPLOAD_MB = 10

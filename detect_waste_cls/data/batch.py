@@ -5,5 +5,6 @@ EVAL_IMAGE = "eval_image"  # per_batch pseudo-labeling: the eval view the labels
 TARGET = "target"  # class index, for labeled images only
 INDEX = "index"  # position in the dataset: pseudo-labels are looked up by it
 LABELED, PSEUDO = "labeled", "pseudo"  # the two loaders of a pseudo-labeling training step
-# Set on a pseudo batch by the refresh callback, from its store: class indices or distributions, and which count.
-PSEUDO_TARGET, MASK = "pseudo_target", "mask"
+# Set on a pseudo batch by the refresh callback, from its store: class indices or distributions, and how much each
+# image counts in the loss (0: below its threshold).
+PSEUDO_TARGET, WEIGHT = "pseudo_target", "weight"

@@ -228,6 +228,15 @@ class WasteDataModule(pl.LightningDataModule):
             loaders[keys.PSEUDO] = self._pseudo_loader(pseudo, batch_size=self.pseudo_batch_size, sampler=pseudo_sampler)
         return loaders
 
+    @property
+    def has_own_val(self) -> bool:
+        """False when --val-split 0 validates on the test split: nothing may then be chosen on it."""
+        return self.layout.val is not self.layout.test
+
+    def probe_dataloader(self) -> DataLoader:
+        """The labeled training split in the eval view, in order: what the linear probe is fitted to."""
+        return self._loader(self.labeled_dataset(self.layout.train, train=False), batch_size=self.eval_batch_size)
+
     def val_dataloader(self):
         return self._loader(self.labeled_dataset(self.layout.val, train=False), batch_size=self.eval_batch_size)
 

@@ -54,6 +54,7 @@ class Backbone:
     head: str = "fc"  # attribute path of the final classification layer (the part a linear probe trains)
     imagenet_url: str | None = None  # downloaded into torch's hub cache on request
     imagenet_package: WeightPackage | None = None  # installed with pip: works offline
+    timm_name: str | None = None  # built by timm, and its pretrained weights come through timm (the Hugging Face hub)
 
     @property
     def has_offline_weights(self) -> bool:
@@ -142,11 +143,41 @@ for _i in range(3):
     )
 
 
+TIMM_PREFIX = "timm/"  # --model timm/<architecture>[.<pretrained tag>]: any model timm builds
+
+
+def _timm_model(architecture: str, num_classes: int) -> nn.Module:
+    import timm
+
+    return timm.create_model(architecture, pretrained=False, num_classes=num_classes)
+
+
+def _timm_backbone(name: str) -> Backbone:
+    """A registry entry read from timm's own pretrained_cfg: input size, normalization and head, no second table."""
+    import timm
+    from timm.models import get_pretrained_cfg
+
+    architecture = name.removeprefix(TIMM_PREFIX)
+    if not timm.is_model(architecture):
+        raise UserInputError(f"unknown timm model {architecture!r}; timm.list_models('*{architecture[:8]}*') "
+                             "lists the names timm knows")
+    cfg = get_pretrained_cfg(architecture)
+    return Backbone(partial(_timm_model, architecture), image_size=cfg.input_size[-1],
+                    normalization=(tuple(cfg.mean), tuple(cfg.std)), head=cfg.classifier, timm_name=architecture)
+
+
 def get_backbone(name: str) -> Backbone:
+    if name not in _REGISTRY and name.startswith(TIMM_PREFIX):
+        _REGISTRY[name] = _timm_backbone(name)
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise UserInputError(f"unknown model {name!r}; choose from {', '.join(list_backbones())}") from None
+        raise UserInputError(f"unknown model {name!r}; choose from {', '.join(list_backbones())}, "
+                             f"or any timm model as {TIMM_PREFIX}<name>") from None
+
+
+def _offline_choices() -> str:
+    return ", ".join(n for n in list_backbones() if _REGISTRY[n].imagenet_package is not None)
 
 
 def load_matching_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> list[str]:
@@ -195,17 +226,36 @@ def imagenet_weights(name: str) -> tuple[dict[str, torch.Tensor], str]:
     if backbone.imagenet_package is not None:
         path = backbone.imagenet_package.path()
         return read_state_dict(path), str(path)
+    if backbone.timm_name is not None:
+        return _timm_weights(backbone.timm_name)
     url = backbone.imagenet_url
     if url is None:
         raise UserInputError(f"{name} has no ImageNet weights; train it from scratch or pass --weights PATH")
     try:
         return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=False, weights_only=True), url
     except OSError as error:  # URLError and friends: offline, or the host is unreachable
-        offline = ", ".join(n for n in list_backbones() if _REGISTRY[n].imagenet_package is not None)
         raise UserInputError(
             f"could not download ImageNet weights for {name} from {url} ({error}); without internet, "
-            f"use a model whose weights install with pip ({offline}), or save them locally and pass --weights PATH"
+            f"use a model whose weights install with pip ({_offline_choices()}), or save them locally and pass "
+            "--weights PATH"
         ) from error
+
+
+def _timm_weights(architecture: str) -> tuple[dict[str, torch.Tensor], str]:
+    """timm's pretrained weights for `architecture`, downloaded through the Hugging Face hub (or its cache)."""
+    import timm
+    from timm.models import get_pretrained_cfg
+
+    source = get_pretrained_cfg(architecture).hf_hub_id or get_pretrained_cfg(architecture).url or architecture
+    try:
+        model = timm.create_model(architecture, pretrained=True)
+    except Exception as error:  # huggingface_hub and urllib raise many types, none of them shared, when offline
+        raise UserInputError(
+            f"could not get timm's pretrained weights for {architecture} from {source} "
+            f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); without internet, use a "
+            f"model whose weights install with pip ({_offline_choices()}), or pass --weights PATH or --no-pretrained"
+        ) from None
+    return model.state_dict(), f"timm {source}"
 
 
 def create_backbone(

@@ -22,7 +22,7 @@ from detect_waste_cls.data import batch as keys
 from detect_waste_cls.data.transforms import EvalPreset
 from detect_waste_cls.errors import UserInputError
 from detect_waste_cls.models.backbones import Normalization, create_backbone, get_backbone, load_torch_file
-from detect_waste_cls.pseudo.loss import linear_rampup, masked_pseudo_label_loss
+from detect_waste_cls.pseudo.loss import linear_rampup, pseudo_label_loss
 
 
 def _metrics(num_classes: int, prefix: str) -> MetricCollection:
@@ -37,15 +37,15 @@ def _metrics(num_classes: int, prefix: str) -> MetricCollection:
     )
 
 
-def _lr_factor(optim: OptimConfig, epoch: int, *, probe_factor: float) -> float:
-    """Learning-rate multiplier at `epoch`: the schedule, times probe_lr / lr while the backbone is frozen."""
+def _lr_factor(optim: OptimConfig, epoch: int) -> float:
+    """Learning-rate multiplier at `epoch`."""
     if optim.scheduler == "cosine":
         factor = 0.5 * (1 + math.cos(math.pi * min(epoch, optim.epochs) / max(1, optim.epochs)))
     elif optim.scheduler == "exponential":
         factor = optim.decay**epoch
     else:
         factor = 1.0
-    return factor * (probe_factor if epoch < optim.probe_epochs else 1.0)
+    return factor
 
 
 def temperature_scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -63,10 +63,10 @@ def resolve_model(model: ModelConfig) -> ModelConfig:
 class LitterClassifier(pl.LightningModule):
     """Its settings are the config sections it is given; their defaults live in config.py.
 
-    Fine-tuning (optim.finetune): for the first `optim.probe_epochs` epochs only the head trains,
-    at `optim.probe_lr`, on features of a frozen backbone in eval mode (batch-norm statistics frozen
-    too); after that everything trains, the backbone at `optim.backbone_lr_scale` times the head's
-    `optim.lr`, its batch-norm statistics still frozen when `optim.freeze_bn`.
+    Fine-tuning (optim.finetune): the head starts as the converged linear probe (models/probe.py,
+    fitted before the first step by train()); then everything trains, the backbone at
+    `optim.backbone_lr_scale` times the head's `optim.lr`, its batch-norm statistics frozen when
+    `optim.freeze_bn`.
     """
 
     def __init__(
@@ -81,7 +81,7 @@ class LitterClassifier(pl.LightningModule):
         super().__init__()
         model = resolve_model(model)
         self.optim = optim.resolved(starts_from_weights=bool(model.pretrained or model.weights))
-        self.pseudo = pseudo.resolved(epochs=self.optim.epochs, probe_epochs=self.optim.probe_epochs)
+        self.pseudo = pseudo.resolved(epochs=self.optim.epochs, starts_from_probe=self.optim.starts_from_probe)
         # Plain values only, so checkpoints load with weights_only=True.
         self.save_hyperparameters({
             "classes": list(classes), "image_size": image_size, "model": dataclasses.asdict(model),
@@ -113,18 +113,9 @@ class LitterClassifier(pl.LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
 
-    def backbone_frozen(self, epoch: int) -> bool:
-        return epoch < self.optim.probe_epochs
-
     def on_train_epoch_start(self) -> None:
-        # Set each epoch from the epoch number alone, so a resumed run lands in the right phase.
-        frozen = self.backbone_frozen(self.current_epoch)
-        for parameter in self.backbone_parameters:
-            parameter.requires_grad_(not frozen)
-        # Frozen: the backbone computes eval-mode features, as a linear probe should. Lightning restores
-        # each module's mode after validation, so modes are set both ways, every epoch.
-        self.model.train(not frozen)
-        self.head.train()
+        # Lightning restores each module's mode after validation, so the batch-norm modes are set every epoch.
+        self.model.train()
         if self.optim.freeze_bn:
             for module in self.model.modules():
                 if isinstance(module, _BatchNorm):
@@ -144,12 +135,13 @@ class LitterClassifier(pl.LightningModule):
         labeled_logits = logits[: len(labeled[keys.IMAGE])]
         loss = F.cross_entropy(labeled_logits, labeled[keys.TARGET])
         if ramp > 0:
-            mask = pseudo[keys.MASK]
-            pseudo_loss = masked_pseudo_label_loss(logits[len(labeled[keys.IMAGE]) :], pseudo[keys.PSEUDO_TARGET], mask)
+            weights = pseudo[keys.WEIGHT]
+            pseudo_loss = pseudo_label_loss(logits[len(labeled[keys.IMAGE]) :], pseudo[keys.PSEUDO_TARGET], weights,
+                                            self.pseudo.temperature)
             loss = loss + self.pseudo.weight * ramp * pseudo_loss
             self.log_dict(
-                {"pseudo/loss": pseudo_loss, "pseudo/mask_rate": mask.float().mean(), "pseudo/ramp": ramp},
-                on_step=False, on_epoch=True, sync_dist=True, batch_size=len(mask),
+                {"pseudo/loss": pseudo_loss, "pseudo/mask_rate": (weights > 0).float().mean(), "pseudo/ramp": ramp},
+                on_step=False, on_epoch=True, sync_dist=True, batch_size=len(weights),
             )
         self.train_metrics.update(labeled_logits.detach(), labeled[keys.TARGET])
         self.log("train/loss", loss, on_step=False, on_epoch=True, sync_dist=True, batch_size=len(labeled_logits))
@@ -165,8 +157,6 @@ class LitterClassifier(pl.LightningModule):
 
     def configure_optimizers(self):
         optim = self.optim
-        # Two groups from the start (the backbone idles while frozen), so one schedule and a resumed
-        # optimizer state cover both phases.
         groups = [
             {"params": list(self.head.parameters()), "lr": optim.lr},
             {"params": self.backbone_parameters, "lr": optim.lr * optim.backbone_lr_scale},
@@ -176,10 +166,7 @@ class LitterClassifier(pl.LightningModule):
         else:
             optimizer_class = torch.optim.AdamW if optim.optimizer == "adamw" else torch.optim.Adam
             optimizer = optimizer_class(groups, lr=optim.lr, weight_decay=optim.weight_decay)
-        probe_factor = optim.probe_lr / optim.lr
-        head = partial(_lr_factor, optim, probe_factor=probe_factor)
-        backbone = partial(_lr_factor, optim, probe_factor=1.0)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, [head, backbone])
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(_lr_factor, optim))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
     def eval_view(self) -> EvalPreset:
@@ -227,6 +214,13 @@ class LitterClassifier(pl.LightningModule):
 CALIBRATION_KEY = "calibration"
 
 
+def _known_fields(section: type, values: dict):
+    """A config section from a checkpoint's hyperparameters, leaving out fields that older versions had
+    (their probe epochs, say): they shaped training, not the model that was saved."""
+    names = {item.name for item in dataclasses.fields(section)}
+    return section(**{key: value for key, value in values.items() if key in names})
+
+
 def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") -> LitterClassifier:
     """Rebuild a LitterClassifier from one of our checkpoints without unpickling arbitrary code."""
     checkpoint = load_torch_file(path, "checkpoint", map_location)
@@ -237,7 +231,7 @@ def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") 
     model_config = dataclasses.replace(ModelConfig(**hparams["model"]), pretrained=False, weights=None)
     model = LitterClassifier(
         classes=hparams["classes"], image_size=hparams["image_size"], model=model_config,
-        optim=OptimConfig(**hparams["optim"]), pseudo=PseudoConfig(**hparams["pseudo"]),
+        optim=_known_fields(OptimConfig, hparams["optim"]), pseudo=_known_fields(PseudoConfig, hparams["pseudo"]),
     )
     model.load_state_dict(checkpoint["state_dict"])
     model.temperature = checkpoint.get(CALIBRATION_KEY, {}).get("temperature", 1.0)

@@ -13,11 +13,11 @@ from torch.utils.data import DataLoader
 
 from detect_waste_cls.config import PseudoConfig
 from detect_waste_cls.data import batch as keys
-from detect_waste_cls.errors import UserInputError
-from detect_waste_cls.models.classifier import load_classifier
 from detect_waste_cls.models.ema import find_ema_teacher
-from detect_waste_cls.pseudo.loss import confident_mask, flex_thresholds, sharpen
+from detect_waste_cls.pseudo.loss import flex_thresholds, image_weights
 from detect_waste_cls.pseudo.store import PseudoLabelStore
+from detect_waste_cls.predict import flip_averaged_probabilities
+from detect_waste_cls.pseudo.teachers import TeacherLabelCache, labels_key, load_teachers
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,8 @@ class PseudoLabelRefresh(pl.Callback):
     Labels always come from an eval view, by the labeler: the EMA teacher when --ema-decay is
     set, else the model in training (or, in teacher mode, the teacher checkpoint); with
     --pseudo-align the store aligns them to the labeled split's class frequencies.
-    teacher: before the first step, the teacher checkpoint labels the whole split once.
+    teacher: before the first step, the teachers label the whole split once (pseudo/teachers.py), each
+    rank a shard; with a `cache`, labels of the same teachers on the same images are read from it.
     per_epoch: at the start of each epoch from `pseudo.start` on, the labeler predicts the whole
     split; under DDP each rank predicts a shard and the shards are gathered, so every rank
     holds the same store.
@@ -55,7 +56,7 @@ class PseudoLabelRefresh(pl.Callback):
     from its eval view; the labels of all ranks are gathered into every rank's store.
     """
 
-    def __init__(self, pseudo: PseudoConfig, *, output_csv: Path | None = None):
+    def __init__(self, pseudo: PseudoConfig, *, output_csv: Path | None = None, cache: TeacherLabelCache | None = None):
         """`pseudo` is the same (resolved) config object the LitterClassifier was given."""
         if pseudo.mode == "none" or pseudo.start is None:
             raise ValueError(f"PseudoLabelRefresh needs a resolved pseudo-labeling config, got {pseudo}")
@@ -64,6 +65,7 @@ class PseudoLabelRefresh(pl.Callback):
         self.config = pseudo
         self.mode = pseudo.mode
         self.output_csv = output_csv
+        self.cache = cache
         self.store: PseudoLabelStore | None = None
         self._restored_state: dict | None = None
         self._inference_loader = None
@@ -130,6 +132,9 @@ class PseudoLabelRefresh(pl.Callback):
         # every mode. A calibrated teacher (T = 3-4 at 5% TrashNet labels) passed only 16% of its labels at 0.95.
         probabilities = logits.softmax(dim=1)
         indices, probabilities = self._gather(trainer.lightning_module, indices, probabilities)
+        self._record(trainer, indices, probabilities)
+
+    def _record(self, trainer: pl.Trainer, indices: torch.Tensor, probabilities: torch.Tensor) -> None:
         self._changed += self.store.update(indices, probabilities, trainer.current_epoch)
         self._seen += len(indices)
 
@@ -146,17 +151,32 @@ class PseudoLabelRefresh(pl.Callback):
             self._label_with_teacher(trainer, pl_module)
 
     def _label_with_teacher(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        teacher = load_classifier(self.config.teacher).to(pl_module.device)
-        if teacher.classes != self.classes:
-            raise UserInputError(f"--pseudo-teacher {self.config.teacher} was trained on classes {teacher.classes}, "
-                                 f"but the data has {self.classes}")
-        # The teacher sees the images as it was trained to, whatever the student's size and normalization.
+        mean = torch.zeros(len(self.paths), len(self.classes))
+        for path, teacher in zip(self.config.teacher, load_teachers(self.config.teacher, self.classes)):
+            mean += self._teacher_probabilities(trainer, teacher.to(pl_module.device), path) / len(self.config.teacher)
+        self._record(trainer, torch.arange(len(self.paths)), mean)
+        if trainer.is_global_zero:
+            log.info("%d teacher(s) labeled %d pseudolabel images", len(self.config.teacher), len(self.paths))
+
+    def _teacher_probabilities(self, trainer: pl.Trainer, teacher: pl.LightningModule, path: str) -> torch.Tensor:
+        """One teacher's flip-averaged probabilities for every pseudolabel image: from the cache, or each rank a shard."""
+        key = labels_key(teacher, self.paths)
+        cached = self.cache.load(key, len(self.paths)) if self.cache is not None else None
+        if cached is not None:
+            if trainer.is_global_zero:
+                log.info("labels of %s read from %s", path, self.cache.path(key))
+            return cached
+        # Each teacher sees the images as it was trained to, whatever the student's size and normalization.
         loader = trainer.datamodule.pseudo_inference_dataloader(trainer.global_rank, trainer.world_size,
                                                                 view=teacher.eval_view())
-        self._relabel(trainer, teacher, loader)
-        if trainer.is_global_zero:
-            log.info("teacher %s labeled %d pseudolabel images", self.config.teacher, self._seen)
-        del teacher
+        with trainer.precision_plugin.forward_context():
+            indices, probabilities = flip_averaged_probabilities(teacher, loader)
+        indices, probabilities = self._gather(trainer.lightning_module, indices, probabilities)
+        ordered = torch.zeros(len(self.paths), len(self.classes))
+        ordered[indices] = probabilities
+        if trainer.is_global_zero and self.cache is not None:
+            self.cache.save(key, ordered, path)
+        return ordered
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.mode == "teacher":  # the teacher's labels do not change; logged each epoch all the same
@@ -179,9 +199,9 @@ class PseudoLabelRefresh(pl.Callback):
             eval_view = [{keys.IMAGE: pseudo[keys.EVAL_IMAGE], keys.INDEX: pseudo[keys.INDEX]}]
             self._relabel(trainer, self.labeler(trainer, pl_module), eval_view)
         probabilities, labels = self.store.lookup(pseudo[keys.INDEX])
-        mask = confident_mask(labels, probabilities.max(dim=1).values, self.thresholds())
-        targets = sharpen(probabilities, self.config.temperature) if self.config.targets == "soft" else labels.clamp(min=0)
-        pseudo[keys.PSEUDO_TARGET], pseudo[keys.MASK] = targets.to(pl_module.device), mask.to(pl_module.device)
+        weights = image_weights(labels, probabilities.max(dim=1).values, self.thresholds(), self.config.weighting)
+        targets = probabilities if self.config.targets == "soft" else labels.clamp(min=0)
+        pseudo[keys.PSEUDO_TARGET], pseudo[keys.WEIGHT] = targets.to(pl_module.device), weights.to(pl_module.device)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.mode == "per_batch" and self._seen:

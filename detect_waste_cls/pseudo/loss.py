@@ -50,20 +50,26 @@ def align_distribution(probabilities: torch.Tensor, target_prior: torch.Tensor, 
     return aligned / aligned.sum(dim=1, keepdim=True)
 
 
-def sharpen(probabilities: torch.Tensor, temperature: float) -> torch.Tensor:
-    """p^(1/T), renormalized: T < 1 sharpens, T = 1 returns p."""
-    powered = probabilities.clamp(min=1e-12) ** (1.0 / temperature)
-    return powered / powered.sum(dim=1, keepdim=True)
+def image_weights(labels: torch.Tensor, confidence: torch.Tensor, thresholds: float | torch.Tensor,
+                  weighting: str = "threshold") -> torch.Tensor:
+    """How much each pseudo-label counts in the loss: 0 below its threshold, else 1 ("threshold") or its confidence."""
+    passing = confident_mask(labels, confidence, thresholds).float()
+    return passing * confidence if weighting == "confidence" else passing
 
 
-def masked_pseudo_label_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """mean(mask * CE(logits, targets)); targets are class indices (hard) or distributions (soft).
+def pseudo_label_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
+                      temperature: float = 1.0) -> torch.Tensor:
+    """mean(weights x per-image loss): cross-entropy to a class index (hard), or distillation to a distribution (soft).
 
-    The mean runs over the whole batch, masked samples included, so a fully masked batch
-    gives an exact zero that still depends on every parameter: under DDP every rank runs
-    the same graph whatever its mask.
+    Distillation (Hinton et al. 2015): T^2 KL(softmax(log p / T) || softmax(z / T)), zero when the student's
+    logits z equal the teacher's log p up to a constant; at T = 1 it has the gradient of cross-entropy to p.
+    The mean runs over the whole batch, zero-weight images included, so a batch where nothing passes
+    gives an exact zero that still depends on every parameter: under DDP every rank runs the same graph.
     """
     if targets.is_floating_point():
-        targets = targets.to(logits.dtype)
-    per_image = F.cross_entropy(logits, targets, reduction="none")
-    return (per_image * mask).mean()
+        teacher = F.log_softmax(targets.to(logits.dtype).clamp(min=1e-12).log() / temperature, dim=1)
+        student = F.log_softmax(logits / temperature, dim=1)
+        per_image = temperature**2 * (teacher.exp() * (teacher - student)).sum(dim=1)
+    else:
+        per_image = F.cross_entropy(logits, targets, reduction="none")
+    return (per_image * weights.to(per_image.dtype)).mean()

@@ -1,0 +1,94 @@
+"""The run folder: where a run writes, how DDP's extra ranks find it, and what --resume needs from it."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+
+import lightning
+import pandas as pd
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+
+from detect_waste_cls.config import RECORD_KEY, TrainConfig
+from detect_waste_cls.errors import UserInputError
+from detect_waste_cls.models.backbones import load_torch_file
+
+LAST_CHECKPOINT = "last"  # checkpoints/last.ckpt: the end of the latest epoch, for --resume
+SKIPPED_FILES = "skipped_files.txt"  # every unreadable file of the run: at scan, in training, at evaluation
+
+# Set while a run trains: DDP's extra ranks read their run folder from it (see shared_run_dir).
+RUN_DIR_ENV = "DETECT_WASTE_CLS_RUN_DIR"
+
+
+def last_checkpoint(run_dir: Path) -> Path:
+    return run_dir / "checkpoints" / f"{LAST_CHECKPOINT}.ckpt"
+
+
+def create_run_dir(out: str | Path | None, name: str, *, num_nodes: int = 1) -> Path:
+    """A new, empty folder for this run: `out`, or runs/<name>-<timestamp>. Never reuses a non-empty one."""
+    if os.environ.get(RUN_DIR_ENV):
+        return Path(os.environ[RUN_DIR_ENV])
+    if out is None and num_nodes > 1:
+        raise UserInputError(f"--num-nodes {num_nodes} needs --out RUN: the one run folder all machines write, on a "
+                             "filesystem they all see")
+    if out is not None and rank_zero_only.rank > 0:
+        # torchrun or SLURM started this process for another rank, on this machine or another: rank 0 checks
+        # and creates the folder, and this rank only writes there once training has synchronized them.
+        return Path(out)
+    if out is not None:
+        out = Path(out)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise UserInputError(f"--out {out} already exists and is not empty; choose a new folder")
+        out.mkdir(parents=True, exist_ok=True)
+        return out
+    base = Path("runs") / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
+    candidate, suffix = base, 1
+    while candidate.exists():
+        candidate, suffix = base.with_name(f"{base.name}-{suffix}"), suffix + 1
+    candidate.mkdir(parents=True)
+    return candidate
+
+
+@contextmanager
+def shared_run_dir(run_dir: Path):
+    """DDP re-launches this program once per extra rank, at the first fit; they find the run folder rank 0 chose here."""
+    if os.environ.get(RUN_DIR_ENV):  # an extra rank, or a round inside a run that set it
+        yield
+        return
+    os.environ[RUN_DIR_ENV] = str(run_dir)
+    try:
+        yield
+    finally:
+        os.environ.pop(RUN_DIR_ENV, None)
+
+
+def forget_epochs_after(metrics_csv: Path, epoch: int) -> None:
+    """Drop the log rows of the epoch a kill interrupted, so a continued run logs each epoch once."""
+    if metrics_csv.is_file():
+        log_rows = pd.read_csv(metrics_csv)
+        log_rows[log_rows["epoch"] <= epoch].to_csv(metrics_csv, index=False)
+
+
+def check_resume_checkpoint(checkpoint: str | Path, classes: Sequence[str], model_name: str) -> int:
+    """A checkpoint to continue from must hold the same model and classes (the error names both sides);
+    returns the epoch it was saved at."""
+    contents = load_torch_file(checkpoint, "checkpoint")
+    saved = contents.get("hyper_parameters", {})
+    if saved.get("model", {}).get("name") != model_name:
+        raise UserInputError(f"{checkpoint} holds model {saved.get('model', {}).get('name')}, but --model is {model_name}")
+    if saved.get("classes") != list(classes):
+        raise UserInputError(f"{checkpoint} was trained on classes {saved.get('classes')}, but the data has {list(classes)}")
+    return contents["epoch"]
+
+
+def write_config(path: Path, config: TrainConfig, *, classes: Sequence[str] | None = None) -> None:
+    """The resolved config, plus facts for people under RECORD_KEY (ignored when the file is read back)."""
+    record = {**({"classes": list(classes)} if classes is not None else {}),
+              "versions": {"torch": torch.__version__, "lightning": lightning.__version__},
+              "written": datetime.now().isoformat(timespec="seconds")}
+    path.write_text(json.dumps({**config.to_dict(), RECORD_KEY: record}, indent=2))

@@ -1,0 +1,86 @@
+"""How good the teachers' labels of the pseudolabel split are: per teacher and for their ensemble, per threshold.
+
+    python -m experiments.label_quality --data TREE RUN [RUN ...] [--out label_quality.md]
+
+Each RUN is a teacher-mode run folder whose round 0 trained the teachers (round-0*/). Their labels
+are read from the study's teacher-label cache (<RUN>/../teacher-labels/) when a student made them,
+else predicted here. The truth is the pseudolabel split's class folders (`prepare split
+--keep-pseudo-labels`); the student never sees them. For each threshold: the share of images whose
+label is at least that confident, and the accuracy of those labels. Several RUNs (one per seed)
+give mean ± std.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from detect_waste_cls.data.datamodule import scan_pseudolabel_folder
+from detect_waste_cls.data.images import resolve_images_square
+from detect_waste_cls.export import load_model
+from detect_waste_cls.predict import path_probabilities_with_flip
+from detect_waste_cls.pseudo.teachers import TEACHER_LABELS_DIR, TeacherLabelCache, labels_key
+from detect_waste_cls.rounds import ENSEMBLE
+from detect_waste_cls.run_folder import last_checkpoint
+
+THRESHOLDS = (0.0, 0.5, 0.8, 0.9, 0.95)
+
+
+def teacher_probabilities(run: Path, paths: list[Path]) -> dict[str, torch.Tensor]:
+    """{teacher model name: probabilities of every pseudolabel image}, plus the ensemble's mean when several."""
+    cache = TeacherLabelCache(run.resolve().parent / TEACHER_LABELS_DIR)
+    found = {}
+    for folder in sorted(run.glob("round-0*")):
+        if folder.name.endswith(ENSEMBLE) or not last_checkpoint(folder).is_file():
+            continue
+        teacher = load_model(last_checkpoint(folder))
+        cached = cache.load(labels_key(teacher, paths), len(paths))
+        found[teacher.hparams["model"]["name"]] = cached if cached is not None else path_probabilities_with_flip(
+            teacher, paths)
+    if len(found) > 1:
+        found[ENSEMBLE] = torch.stack(list(found.values())).mean(0)
+    return found
+
+
+def quality(probabilities: torch.Tensor, truth: torch.Tensor) -> dict[str, float]:
+    confidence, labels = probabilities.max(dim=1)
+    row = {}
+    for threshold in THRESHOLDS:
+        passing = confidence >= threshold
+        row[f"share ≥ {threshold}"] = float(passing.float().mean())
+        row[f"right ≥ {threshold}"] = float((labels[passing] == truth[passing]).float().mean()) if passing.any() else None
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, required=True, help="the tree the runs trained on")
+    parser.add_argument("runs", type=Path, nargs="+")
+    parser.add_argument("--out", type=Path, default=None, help="also write the table here (markdown)")
+    args = parser.parse_args(argv)
+    root = resolve_images_square(args.data)
+    rows = []
+    for run in args.runs:
+        classes = load_model(last_checkpoint(next(run.glob("round-0*")))).classes
+        pseudo = scan_pseudolabel_folder(root / "pseudolabel", classes)
+        truth = torch.tensor(pseudo.folder_targets)
+        if (truth < 0).any():
+            raise SystemExit(f"{root / 'pseudolabel'} has images outside class folders: no truth to score labels with")
+        for teacher, probabilities in teacher_probabilities(run, pseudo.paths).items():
+            rows.append({"teacher": teacher, "run": run.name, **quality(probabilities, truth)})
+    table = pd.DataFrame(rows)
+    numbers = table.drop(columns="run").groupby("teacher", sort=False)
+    summary = (numbers.mean() * 100).round(1).astype(str) + (numbers.std() * 100).round(1).map(
+        lambda std: "" if pd.isna(std) else f" ± {std}")
+    text = f"Label quality over {table.run.nunique()} run(s), in %\n\n" + summary.reset_index().to_markdown(index=False)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -36,7 +36,7 @@ def teacher_configs(config: TrainConfig) -> dict[str, TrainConfig]:
     configs = {}
     for name in names:
         changes = {"pseudo": {"mode": "none", "teacher_models": None, "teacher_finetune": None}, "optim": finetune}
-        if name != config.model.name:  # another backbone: its native size (unless --image-size), its own weights
+        if name != config.model.name:  # another backbone: its native size (unless --img-size), its own weights
             changes["model"] = {"name": name, "weights": None}
         folder = "round-0" if len(names) == 1 else f"round-0-{name}"
         configs[folder] = resolve_config(config.replace(**changes))
@@ -73,18 +73,19 @@ def train_rounds(config: TrainConfig, callbacks: Sequence[pl.Callback] = ()) -> 
             trained = [fit_and_test(round_config, callbacks, top / folder)
                        for folder, round_config in teacher_configs(config).items()]
             results += trained
-            table += [_line(result.run_dir.name, result.config, result.test_metrics, result.final_checkpoint)
-                      for result in trained]
+            table += [_line(result) for result in trained]
             teachers = tuple(str(result.final_checkpoint) for result in trained)
             if len(trained) > 1 and first_process:
-                table.append(_line(ENSEMBLE, None, _score_ensemble(teachers, resolved, top / f"round-0-{ENSEMBLE}"), ""))
+                metrics = _score_ensemble(teachers, resolved, top / f"round-0-{ENSEMBLE}")
+                table.append({"round": ENSEMBLE, "model": ENSEMBLE,
+                              **{score: (metrics or {}).get(score) for score in SCORES}})
             if first_process:
                 _write_table(top / ROUNDS_TABLE, table)
         for number in range(1, pseudo.rounds + 1):
             round_config = config.replace(pseudo={"teacher": teachers, "teacher_models": None, "rounds": 1})
             result = fit_and_test(resolve_config(round_config), callbacks, top / f"round-{number}", teacher_labels=cache)
             results.append(result)
-            table.append(_line(result.run_dir.name, result.config, result.test_metrics, result.final_checkpoint))
+            table.append(_line(result))
             teachers = (str(result.final_checkpoint),)
             if first_process:
                 _write_table(top / ROUNDS_TABLE, table)
@@ -101,10 +102,11 @@ def _score_ensemble(teachers: Sequence[str], config: TrainConfig, out_dir: Path)
                              num_workers=config.data.num_workers, device="cuda" if trains_on_gpu(config.run) else "cpu")
 
 
-def _line(name: str, config: TrainConfig | None, metrics: dict | None, checkpoint) -> dict:
-    return {"round": name, "model": config.model.name if config else ENSEMBLE,
-            "teacher": " ".join(config.pseudo.teacher or ()) if config else "",
-            **{score: (metrics or {}).get(score) for score in SCORES}, "checkpoint": str(checkpoint)}
+def _line(result: RunResult) -> dict:
+    return {"round": result.run_dir.name, "model": result.config.model.name,
+            "teacher": " ".join(result.config.pseudo.teacher or ()),
+            **{score: (result.test_metrics or {}).get(score) for score in SCORES},
+            "checkpoint": str(result.final_checkpoint)}
 
 
 def _write_table(path: Path, lines: Sequence[dict]) -> None:

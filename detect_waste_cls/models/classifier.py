@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Sequence
 from functools import partial
@@ -21,8 +22,10 @@ from detect_waste_cls.config import ModelConfig, OptimConfig, PseudoConfig
 from detect_waste_cls.data import batch as keys
 from detect_waste_cls.data.transforms import EvalPreset
 from detect_waste_cls.errors import UserInputError
-from detect_waste_cls.models.backbones import Normalization, create_backbone, get_backbone, load_torch_file
+from detect_waste_cls.models.backbones import Normalization, create_backbone, get_backbone, in_our_names, load_torch_file
 from detect_waste_cls.pseudo.loss import linear_rampup, pseudo_label_loss
+
+log = logging.getLogger(__name__)
 
 
 def _metrics(num_classes: int, prefix: str) -> MetricCollection:
@@ -221,6 +224,19 @@ def _known_fields(section: type, values: dict):
     return section(**{key: value for key, value in values.items() if key in names})
 
 
+def _in_our_names(classifier: LitterClassifier, state_dict: dict) -> dict:
+    """A checkpoint's state dict; one saved before a model moved libraries (the lite models to timm) gets our names."""
+    network = {key.removeprefix("model."): value for key, value in state_dict.items() if key.startswith("model.")}
+    name = classifier.hparams["model"]["name"]
+    renamed = in_our_names(name, network, classifier.model)
+    if renamed is not network and classifier.image_size != get_backbone(name).image_size:
+        log.warning("this %s checkpoint comes from efficientnet-lite-pytorch at %d px: timm pads its convolutions for "
+                    "the actual input size, that library for %d px, so its predictions can differ slightly; test it "
+                    "again (detect-waste-cls test)", name, classifier.image_size, get_backbone(name).image_size)
+    return {**{key: value for key, value in state_dict.items() if not key.startswith("model.")},
+            **{f"model.{key}": value for key, value in renamed.items()}}
+
+
 def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") -> LitterClassifier:
     """Rebuild a LitterClassifier from one of our checkpoints without unpickling arbitrary code."""
     checkpoint = load_torch_file(path, "checkpoint", map_location)
@@ -233,6 +249,6 @@ def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") 
         classes=hparams["classes"], image_size=hparams["image_size"], model=model_config,
         optim=_known_fields(OptimConfig, hparams["optim"]), pseudo=_known_fields(PseudoConfig, hparams["pseudo"]),
     )
-    model.load_state_dict(checkpoint["state_dict"])
+    model.load_state_dict(_in_our_names(model, checkpoint["state_dict"]))
     model.temperature = checkpoint.get(CALIBRATION_KEY, {}).get("temperature", 1.0)
     return model

@@ -86,6 +86,8 @@ def run_row(command: list[str], out: Path, log_file: Path, row: str, seed: int, 
 
 
 def last_logged(metrics_csv: Path, column: str) -> float | None:
+    if not metrics_csv.is_file():  # a scored ensemble logs nothing
+        return None
     log = pd.read_csv(metrics_csv)
     return float(log[column].dropna().iloc[-1]) if column in log and log[column].notna().any() else None
 
@@ -110,11 +112,13 @@ def summarize_run(run: Path) -> list[dict]:
 
 
 def summarize_folder(run: Path, row: str, done: dict) -> dict:
-    config = TrainConfig.from_dict(read_config_file(run / "config.json"), str(run / "config.json"))
+    # A teachers' ensemble (round-0-ensemble/) is scored, not trained: it has no config of its own.
+    own_config = run / "config.json" if (run / "config.json").is_file() else run.parent / "config.json"
+    config = TrainConfig.from_dict(read_config_file(own_config), str(own_config))
     metrics = json.loads((run / "metrics.json").read_text())
     return {
         "row": row,
-        "model": config.model.name,
+        "model": config.model.name if own_config.parent == run else "ensemble",
         "start": "ImageNet" if config.model.pretrained else "scratch",
         "fine-tuning": config.optim.finetune,
         "classes": len(metrics["classes"]),

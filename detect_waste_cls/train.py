@@ -22,5 +22,6 @@ def train(config: TrainConfig = TrainConfig(), *, callbacks: Sequence[pl.Callbac
     """
     resolved = resolve_config(config)
     if resolved.pseudo.mode == "teacher":
-        return train_rounds(config, callbacks)
+        # The rounds resolve the rest per model; the data folder is decided (and announced) once, here.
+        return train_rounds(config.replace(data={"root": resolved.data.root}), callbacks)
     return fit_and_test(resolved, callbacks)

@@ -118,7 +118,7 @@ def main() -> None:
         for source, images in (("TrashNet 512x384", paths), (f"{args.photo_scale}x upscaled", photos)):
             for size in args.sizes:
                 for preset_name, preset in (("train", TrainPreset(size=size, normalization=normalization, seed=0)),
-                                            ("eval", EvalPreset(size=size, normalization=normalization))):
+                                            ("eval", EvalPreset(size=size, normalization=normalization, interpolation="bilinear"))):
                     ratio_row = compare(OriginalDataset(images, preset), ImageDataset(images, {"image": preset}),
                                         args.rounds)
                     rows.append({"images": source, "size": size, "preset": preset_name, **ratio_row})

@@ -111,7 +111,8 @@ def main() -> None:
     for name in args.models:
         entry = get_backbone(name)
         data = WasteDataModule(DataConfig(root=str(args.data), image_size=args.img_size, batch_size=args.batch_size,
-                                          num_workers=args.num_workers), normalization=entry.normalization)
+                                          num_workers=args.num_workers), normalization=entry.normalization,
+                               interpolation=entry.interpolation)
         classes = len(data.classes)
         images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
         targets = torch.randint(0, classes, (args.batch_size,), device=device)

@@ -132,7 +132,9 @@ def training_step_labels(model: torch.nn.Module, loader, device: torch.device) -
 def fit(args, data: Path, pseudo: PseudoConfig, callbacks: list, epochs: int, limit_batches=None) -> LitterClassifier:
     data_config = DataConfig(root=str(data), image_size=args.img_size, batch_size=args.batch_size,
                              num_workers=args.num_workers)
-    datamodule = WasteDataModule(data_config, normalization=get_backbone(args.model).normalization, pseudo=pseudo)
+    entry = get_backbone(args.model)
+    datamodule = WasteDataModule(data_config, normalization=entry.normalization, interpolation=entry.interpolation,
+                                 pseudo=pseudo)
     model = LitterClassifier(classes=datamodule.classes, image_size=args.img_size,
                              model=ModelConfig(name=args.model, pretrained=False),
                              optim=OptimConfig(epochs=epochs, finetune="full"), pseudo=pseudo)

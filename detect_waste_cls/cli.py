@@ -1,4 +1,5 @@
-"""The one command line: `detect-waste-cls {train,test,predict,prepare}`; train_*.py call it with another default model."""
+"""The one command line, `detect-waste-cls <command>` (train, test, predict, export, app, prepare, select,
+label-studio); train_*.py call it with another default model."""
 
 from __future__ import annotations
 
@@ -104,7 +105,77 @@ def build_parser(default_model: str = DEFAULT_MODEL) -> argparse.ArgumentParser:
                      help="an exported folder, a .ckpt file, or a folder of runs to choose from")
     app.add_argument("--port", type=int, default=8501)
     add_prepare_arguments(commands.add_parser("prepare", help="build an images_square tree"))
+    add_label_studio_arguments(commands.add_parser(
+        "label-studio", help="selection -> Label Studio tasks, the model's guess pre-selected; JSON export -> train/"))
+    add_select_arguments(commands.add_parser("select", help="rank the pseudolabel images worth labeling next"))
     return parser
+
+
+def add_select_arguments(parser: argparse.ArgumentParser) -> None:
+    from detect_waste_cls.labeling.strategies import STRATEGIES
+
+    parser.add_argument("--model", type=Path, required=True, help="a run folder, a .ckpt file or an exported folder")
+    parser.add_argument("--data", type=Path, required=True, help="dataset root with images_square/{train,pseudolabel}")
+    parser.add_argument("--budget", type=int, required=True, help="how many images to pick")
+    parser.add_argument("--strategy", choices=list(STRATEGIES), default="typiclust",
+                        help="typiclust: one typical image per uncovered k-means cluster (few labels); coreset: "
+                             "k-center greedy; margin / entropy: the most uncertain; cluster-margin: the most "
+                             "uncertain of each cluster; random (default: typiclust, experiments/results/"
+                             "select_study)")
+    parser.add_argument("--out", type=Path, required=True, help="folder to create (must not exist or be empty)")
+    parser.add_argument("--review-per-class", type=int, default=0, metavar="K",
+                        help="also list the K most confident pseudo-labels of each class, to accept or fix")
+    parser.add_argument("--label-issues", action="store_true",
+                        help="also list the training images cleanlab finds likely mislabeled")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("-b", "--batch-size", type=int, default=64)
+
+
+def add_label_studio_arguments(parser: argparse.ArgumentParser) -> None:
+    tasks = parser.add_subparsers(dest="task", required=True)
+    export = tasks.add_parser("export", help="selection CSVs -> a project folder (label_config.xml, tasks.json, "
+                                             "README.md)")
+    export.add_argument("--data", type=Path, required=True, help="the dataset (DATA or DATA/images_square)")
+    export.add_argument("--selection", type=Path, action="append", required=True,
+                        help="a CSV from `detect-waste-cls select` (path,predicted,confidence,score,rank,source); "
+                             "repeat for more")
+    export.add_argument("--out", type=Path, required=True, help="folder to create (must not exist or be empty)")
+    export.add_argument("--model-version", help="the predictions' model_version in Label Studio (default: "
+                                                "detect-waste-cls)")
+    export.add_argument("--title", help="project title (default: DATA's folder name and the task count)")
+    server = argparse.ArgumentParser(add_help=False)
+    server.add_argument("--project-dir", type=Path, required=True, help="the folder `label-studio export` wrote")
+    server.add_argument("--token", help="a Personal Access Token or a Legacy Token (default: $LABEL_STUDIO_API_KEY)")
+    push = tasks.add_parser("push", parents=[server], help="create the project, its image storage and its tasks "
+                                                           "through Label Studio's API")
+    push.add_argument("--url", default="http://localhost:8080")
+    pull = tasks.add_parser("pull", parents=[server], help="download the pushed project's JSON export")
+    pull.add_argument("--url", help="default: the URL it was pushed to")
+    pull.add_argument("--out", type=Path, help="file to write (default: PROJECT_DIR/export-<time>.json)")
+    imported = tasks.add_parser("import", help="Label Studio's JSON export -> labeled images into train/<class>/")
+    imported.add_argument("--data", type=Path, required=True, help="the dataset the tasks were exported from")
+    imported.add_argument("--export", type=Path, required=True, help="the JSON export (not JSON_MIN)")
+
+
+def run_label_studio(args: argparse.Namespace) -> None:
+    if args.task == "export":
+        from detect_waste_cls.labeling.label_studio import export_project
+
+        print(export_project(args.data, args.selection, args.out, model_version=args.model_version,
+                             title=args.title).summary())
+    elif args.task == "import":
+        from detect_waste_cls.labeling.label_studio_import import import_annotations
+
+        print(import_annotations(args.data, args.export).summary())
+    elif args.task == "push":
+        from detect_waste_cls.labeling.label_studio_api import push_project
+
+        pushed = push_project(args.project_dir, args.url, args.token)
+        print(f"created project {pushed.project_id} with {pushed.tasks} tasks: {pushed.page}")
+    else:
+        from detect_waste_cls.labeling.label_studio_api import pull_export
+
+        print(f"wrote {pull_export(args.project_dir, args.token, url=args.url, out=args.out)}")
 
 
 def run_test_mode(args: argparse.Namespace, config: TrainConfig) -> None:
@@ -141,10 +212,19 @@ def run_prepare(args: argparse.Namespace) -> None:
 def dispatch(args: argparse.Namespace, default_model: str) -> None:
     if args.command == "prepare":
         run_prepare(args)
+    elif args.command == "label-studio":
+        run_label_studio(args)
     elif args.command == "predict":
         from detect_waste_cls.predict import predict_folder
 
         print(f"wrote {predict_folder(args.checkpoint, args.images, args.out, batch_size=args.batch_size)}")
+    elif args.command == "select":
+        from detect_waste_cls.labeling.select import select_images
+
+        selection = select_images(args.model, args.data, args.out, budget=args.budget, strategy=args.strategy,
+                                  seed=args.seed, review_per_class=args.review_per_class,
+                                  review_label_issues=args.label_issues, batch_size=args.batch_size)
+        print(f"wrote {selection}")
     elif args.command == "export":
         from detect_waste_cls.export import export_model
 

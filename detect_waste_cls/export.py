@@ -132,7 +132,7 @@ def write_weights_and_config(model: LitterClassifier, config: dict, out: Path) -
     mean, std = model.normalization
     # Our eval transform: a plain resize to image_size (no crop), then (x - mean) / std.
     data_config = {"input_size": (3, model.image_size, model.image_size), "mean": mean, "std": std, "crop_pct": 1.0,
-                   "interpolation": "bilinear"}
+                   "interpolation": model.backbone_entry.interpolation}
     save_for_hf(model.model, out, model_config={"label_names": model.classes, **config}, safe_serialization=True,
                 data_config=data_config)
 

@@ -77,8 +77,8 @@ def fit_and_test(config: TrainConfig, callbacks: Sequence[pl.Callback] = (), run
     devices = device_settings(config.run)
     pl.seed_everything(config.run.seed, workers=True, verbose=False)
     model_entry = get_backbone(config.model.name)
-    datamodule = WasteDataModule(config.data, normalization=model_entry.normalization, pseudo=config.pseudo,
-                                 seed=config.run.seed)
+    datamodule = WasteDataModule(config.data, normalization=model_entry.normalization,
+                                 interpolation=model_entry.interpolation, pseudo=config.pseudo, seed=config.run.seed)
     log.info("data: %s", datamodule.layout.describe())
     resume_from = config.run.resume
     if resume_from == RESUME_AUTO:
@@ -105,7 +105,7 @@ def fit_and_test(config: TrainConfig, callbacks: Sequence[pl.Callback] = (), run
     all_callbacks = [checkpoints, latest, EpochSummary(), StopOnNonFiniteLoss(), *callbacks]
     if config.optim.starts_from_probe:
         all_callbacks.insert(0, ConvergedProbe())  # first: pseudo-labels and the EMA start from the probe's head
-    if config.optim.ema_decay is not None and not probe_only:
+    if config.optim.ema_decay and not probe_only:
         all_callbacks.append(EMATeacher(config.optim.ema_decay))
     if config.pseudo.mode != "none":
         all_callbacks.append(PseudoLabelRefresh(model.pseudo, output_csv=run_dir / "pseudo_labels.csv",

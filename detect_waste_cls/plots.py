@@ -66,3 +66,20 @@ def plot_reliability(confidences: dict[str, torch.Tensor], correct: torch.Tensor
     ax.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title="reliability")
     ax.legend(loc="upper left")
     return _save(figure, out_png)
+
+
+def plot_contact_sheet(images: Sequence, captions: Sequence[str], out_png: Path, *, title: str = "",
+                       columns: int = 10) -> Path:
+    """A grid of thumbnails (HxWx3 uint8 arrays), each with its caption above it."""
+    rows = max(1, -(-len(images) // columns))
+    columns = max(1, min(columns, len(images)))
+    figure = Figure(figsize=(1.6 * columns, 1.8 * rows + (0.4 if title else 0)))
+    axes = figure.subplots(rows, columns, squeeze=False)
+    for ax in axes.flat:
+        ax.set_axis_off()
+    for ax, image, caption in zip(axes.flat, images, captions):
+        ax.imshow(image)
+        ax.set_title(caption, fontsize=7)
+    if title:
+        figure.suptitle(title, fontsize=10)
+    return _save(figure, out_png, dpi=80)

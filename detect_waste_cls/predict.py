@@ -15,21 +15,13 @@ from detect_waste_cls.data.images import keep_decodable, scan_images
 from detect_waste_cls.errors import UserInputError
 from detect_waste_cls.export import load_model
 from detect_waste_cls.models.classifier import LitterClassifier
+from detect_waste_cls.models.flip import flip_averaged
 
 
-@torch.inference_mode()
 def flip_averaged_probabilities(model: LitterClassifier, loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
     """(dataset indices, mean of softmax(model(image)) and softmax(model(mirror image))) for every item of `loader`."""
-    model.eval()
-    indices, probabilities = [], []
-    for batch in loader:
-        images = batch[keys.IMAGE].to(model.device, non_blocking=True)
-        mean = (model(images).float().softmax(dim=1) + model(images.flip(dims=[3])).float().softmax(dim=1)) / 2
-        probabilities.append(mean.cpu())
-        indices.append(torch.as_tensor(batch[keys.INDEX]).cpu())
-    if not indices:
-        return torch.empty(0, dtype=torch.long), torch.empty(0, len(model.classes))
-    return torch.cat(indices), torch.cat(probabilities)
+    outputs = flip_averaged(model, loader, num_classes=len(model.classes))
+    return outputs.indices, outputs.probabilities
 
 
 def path_logits(model: LitterClassifier, paths: Sequence[Path], *, batch_size: int = 64, num_workers: int = 0) -> torch.Tensor:

@@ -28,7 +28,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     config = TrainConfig.from_dict(read_config_file(args.run / "config.json"))
-    datamodule = WasteDataModule(config.data, normalization=get_backbone(config.model.name).normalization,
+    entry = get_backbone(config.model.name)
+    datamodule = WasteDataModule(config.data, normalization=entry.normalization, interpolation=entry.interpolation,
                                  seed=config.run.seed)
     args.out.mkdir(parents=True, exist_ok=False)
     checkpoint = shutil.copy(args.checkpoint, args.out / args.checkpoint.name)

@@ -58,7 +58,7 @@ def test_jpegs_decode_at_reduced_size_only_as_far_as_the_views_need(tmp_path):
 
     normalization = IMAGENET_NORMALIZATION
     views = {"image": TrainPreset(size=112, normalization=normalization),
-             "eval_image": EvalPreset(size=64, normalization=normalization)}
+             "eval_image": EvalPreset(size=64, normalization=normalization, interpolation="bilinear")}
     assert ImageDataset([tmp_path / "photo.jpg"], views).decode_side == 142  # the larger view's resize
     assert ImageDataset([tmp_path / "photo.jpg"], {"image": lambda image: image}).decode_side is None
 
@@ -118,12 +118,13 @@ def test_pseudo_mode_without_pseudolabel_images_is_refused(tmp_path):
     root = make_tree(tmp_path, {"train": {"glass": 4, "metal": 4}})
     with pytest.raises(UserInputError, match="pseudolabel"):
         WasteDataModule(DataConfig(root=str(root), image_size=32), normalization=IMAGENET_NORMALIZATION,
-                        pseudo=PseudoConfig(mode="per_epoch"))
+                        interpolation="bilinear", pseudo=PseudoConfig(mode="per_epoch"))
 
 
 def test_batches_carry_indices_targets_and_normalized_images(tiny_tree):
     module = WasteDataModule(DataConfig(root=str(tiny_tree), image_size=32, batch_size=4, num_workers=0),
-                             normalization=IMAGENET_NORMALIZATION, pseudo=PseudoConfig(mode="per_batch"))
+                             normalization=IMAGENET_NORMALIZATION, interpolation="bilinear",
+                             pseudo=PseudoConfig(mode="per_batch"))
     batch = next(iter(module.train_dataloader()["labeled"]))
     assert batch["image"].shape == (4, 3, 32, 32) and batch["target"].shape == (4,)
     pseudo = next(iter(module.train_dataloader()["pseudo"]))
@@ -138,7 +139,7 @@ def test_transforms_handle_images_smaller_than_the_crop(tmp_path):
 
     image = load_rgb(write_image(tmp_path / "x.png", (1, 2, 3), size=7))
     assert TrainPreset(size=64, normalization=IMAGENET_NORMALIZATION)(image).shape == (3, 64, 64)
-    assert EvalPreset(size=64, normalization=IMAGENET_NORMALIZATION)(image).shape == (3, 64, 64)
+    assert EvalPreset(size=64, normalization=IMAGENET_NORMALIZATION, interpolation="bilinear")(image).shape == (3, 64, 64)
 
 
 def test_each_dataloader_worker_augments_differently_and_reproducibly(tmp_path):

@@ -77,7 +77,8 @@ def test_each_models_normalization_reaches_training_validation_and_prediction(tm
     restored = load_classifier(result.final_checkpoint)
     assert restored.normalization == normalization
     image = data / "images_square" / "test" / "glass" / "0.png"
-    by_hand = EvalPreset(size=32, normalization=normalization)(load_rgb(image))
+    by_hand = EvalPreset(size=32, normalization=normalization, interpolation=get_backbone(model).interpolation)(
+        load_rgb(image))
     with torch.no_grad():
         expected = (restored.eval()(by_hand[None]) / restored.temperature).softmax(1)
     assert torch.allclose(predict_paths(restored, [image]), expected, atol=1e-6)
@@ -154,6 +155,7 @@ def test_linear_fits_the_probe_on_imagenet_features_and_trains_no_epoch(tmp_path
     # The head is the probe fitted to the ImageNet model's features of the training split.
     layout = DatasetLayout.discover(data, seed=result.config.run.seed)
     loader = WasteDataModule(result.config.data, normalization=restored.normalization,
+                             interpolation=restored.backbone_entry.interpolation,
                              seed=result.config.run.seed).probe_dataloader()
     features, targets = head_inputs(restored, restored.head, loader)
     assert torch.equal(targets, torch.tensor(layout.train.targets))
@@ -182,7 +184,8 @@ def test_lp_ft_starts_from_the_probe_then_trains_the_backbone_at_a_smaller_rate(
 def test_a_resumed_run_keeps_its_head_instead_of_fitting_the_probe_again(tmp_path):
     data = make_tree(tmp_path / "data", {"train": {"glass": 8, "paper": 8}, "test": {"glass": 2, "paper": 2}})
     first = run(data, tmp_path / "a", "efficientnet-lite0", epochs=1)
-    saved = torch.load(first.final_checkpoint, weights_only=True)["state_dict"]
+    checkpoint = torch.load(first.final_checkpoint, weights_only=True)
+    saved = checkpoint["current_model_state"]  # the weights in training (LP-FT's EMA is the checkpoint's state_dict)
     start = HeadAtStart()
     run(data, tmp_path / "b", "efficientnet-lite0", callbacks=[start], epochs=2, resume=str(first.final_checkpoint))
     assert all(torch.equal(start.head[k], saved[f"model.classifier.{k}"]) for k in start.head)

@@ -161,16 +161,19 @@ def offline_hub(tmp_path, monkeypatch):
     return tmp_path / "hub"
 
 
-def test_a_timm_model_takes_size_normalization_and_head_from_its_pretrained_cfg():
+def test_a_timm_model_takes_size_normalization_filter_and_head_from_its_pretrained_cfg():
     from timm.models import get_pretrained_cfg
 
     for name in ("test_efficientnet", "test_convnext", "test_vit"):
         cfg, entry = get_pretrained_cfg(name), get_backbone(f"timm/{name}")
         assert entry.image_size == cfg.input_size[-1] and entry.normalization == (cfg.mean, cfg.std)
+        assert entry.interpolation == cfg.interpolation
         head = create_backbone(f"timm/{name}", num_classes=5).get_submodule(entry.head)
         assert isinstance(head, torch.nn.Linear) and head.out_features == 5
     with pytest.raises(UserInputError, match="unknown timm model 'no_such_net'"):
         get_backbone("timm/no_such_net")
+    lite0 = get_backbone("efficientnet-lite0")
+    assert (lite0.image_size, lite0.normalization, lite0.interpolation) == (224, ((0.5,) * 3, (0.5,) * 3), "bicubic")
 
 
 def test_timm_pretrained_weights_come_through_the_hub_cache_and_offline_is_one_clear_error(offline_hub):
@@ -184,3 +187,18 @@ def test_timm_pretrained_weights_come_through_the_hub_cache_and_offline_is_one_c
     model = create_backbone("timm/test_efficientnet", num_classes=3, pretrained=True)
     assert torch.equal(model.conv_stem.weight, reference.conv_stem.weight)
     assert model.classifier.out_features == 3
+
+
+def test_the_eval_view_resizes_with_the_filter_the_model_names():
+    import cv2
+    import numpy as np
+
+    from detect_waste_cls.data.transforms import EvalPreset
+
+    image = np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8)
+    symmetric = ((0.5,) * 3, (0.5,) * 3)
+    views = {name: EvalPreset(size=32, normalization=symmetric, interpolation=name)(image)
+             for name in ("bicubic", "bilinear")}
+    expected = (cv2.resize(image, (32, 32), interpolation=cv2.INTER_CUBIC) / 255 - 0.5) / 0.5
+    assert torch.allclose(views["bicubic"], torch.from_numpy(expected).permute(2, 0, 1).float(), atol=1e-5)
+    assert not torch.allclose(views["bicubic"], views["bilinear"], atol=1e-3)

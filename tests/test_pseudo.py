@@ -270,7 +270,7 @@ def test_pseudo_targets_come_from_the_eval_view_while_the_loss_sees_the_strong_v
 
     pseudo = PseudoConfig(mode="per_batch", view="strong", start=0, rampup=0, threshold=0).resolved(epochs=1)
     data = WasteDataModule(DataConfig(root=str(tiny_tree), image_size=32, batch_size=4, num_workers=0),
-                           normalization=((0.5,) * 3, (0.5,) * 3), pseudo=pseudo)
+                           normalization=((0.5,) * 3, (0.5,) * 3), interpolation="bilinear", pseudo=pseudo)
     assert isinstance(data.pseudo_train_view, StrongPreset)
     model = LitterClassifier(classes=data.classes, image_size=32, model=ModelConfig(name="simple-cnn"), pseudo=pseudo)
     seen = {}

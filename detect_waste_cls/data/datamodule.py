@@ -14,7 +14,9 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from detect_waste_cls.data.images import (
+    IMPORTS_MANIFEST,
     LabeledImages,
+    labeled_by_import,
     resolve_images_square,
     scan_images,
     scan_labeled_folder,
@@ -63,9 +65,18 @@ def _subset(images: LabeledImages, positions: list[int]) -> LabeledImages:
 
 
 def scan_pseudolabel_folder(folder: Path, classes: list[str]) -> PseudoImages:
-    """Images directly in `folder` and in any subfolders; a subfolder named after a class gives a folder label."""
+    """Images directly in `folder` and in any subfolders; a subfolder named after a class gives a folder label.
+
+    Images a person has labeled since (`label-studio import` copied them into train/) are left out.
+    """
     report = scan_images(folder, recursive=True)
     report.warn_skipped(folder)
+    labeled = labeled_by_import(folder.parent)
+    if labeled:
+        kept = [path for path in report.paths if path.resolve() not in labeled]
+        log.info("%d image(s) of %s are labeled now (%s): not pseudo-labeled", len(report.paths) - len(kept),
+                 folder, folder.parent / IMPORTS_MANIFEST)
+        report.paths = kept
     folder_targets = [
         classes.index(path.parent.name) if path.parent != folder and path.parent.name in classes else -1
         for path in report.paths
@@ -125,6 +136,7 @@ class WasteDataModule(pl.LightningDataModule):
         data: DataConfig,
         *,
         normalization: Normalization,
+        interpolation: str,
         pseudo: PseudoConfig = PseudoConfig(),
         seed: int = RunConfig.seed,
     ):
@@ -147,7 +159,7 @@ class WasteDataModule(pl.LightningDataModule):
         self.pseudo_mode = pseudo.mode
         self.pseudo_batch_size = max(1, round(data.batch_size * pseudo.ratio))
         self.train_view = TrainPreset(size=self.image_size, normalization=normalization, seed=seed)
-        self.eval_view = EvalPreset(size=self.image_size, normalization=normalization)
+        self.eval_view = EvalPreset(size=self.image_size, normalization=normalization, interpolation=interpolation)
         # The pseudolabel split gets its own augmentation stream and loader RNG, so that it takes
         # no randomness from the labeled side: with one --seed, a pseudo-labeling run trains exactly
         # like --pseudo none until --pseudo-start, and the two can be compared seed by seed.

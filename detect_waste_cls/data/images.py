@@ -6,6 +6,7 @@ Everything that looks at the user's folders goes through here, so every bad-inpu
 
 from __future__ import annotations
 
+import csv
 import logging
 import os
 from dataclasses import dataclass, field
@@ -182,6 +183,21 @@ def scan_labeled_folder(folder: Path, classes: list[str] | None = None) -> Label
     if not paths:
         raise UserInputError(f"no readable images under {folder}")
     return LabeledImages(paths, targets, list(classes), skipped)
+
+
+# Written by `detect-waste-cls label-studio import` in images_square/: what a person labeled, and where it went.
+IMPORTS_MANIFEST = "label_studio_imports.csv"
+
+
+def labeled_by_import(images_square: Path) -> set[Path]:
+    """The pseudolabel/ images a person labeled (their copies are in train/): no longer unlabeled, so neither
+    pseudo-labeled nor offered for labeling again."""
+    manifest = images_square / IMPORTS_MANIFEST
+    if not manifest.is_file():
+        return set()
+    with open(manifest, newline="") as file:
+        sources = [row["source"] for row in csv.DictReader(file)]
+    return {(images_square / source).resolve() for source in sources if source.startswith("pseudolabel/")}
 
 
 def resolve_images_square(data: str | Path) -> Path:

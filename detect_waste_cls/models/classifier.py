@@ -92,6 +92,9 @@ class LitterClassifier(pl.LightningModule):
         })
         self.classes = list(classes)
         self.backbone_entry = get_backbone(model.name)
+        if self.optim.layer_decay is not None and self.backbone_entry.timm_name is None:
+            raise UserInputError(f"--layer-decay needs a model that timm builds (efficientnet-lite0-2 or "
+                                 f"timm/<name>), not {model.name}; use --backbone-lr-scale")
         self.model = create_backbone(model.name, len(classes), pretrained=bool(model.pretrained), weights=model.weights)
         head_ids = {id(p) for p in self.head.parameters()}
         # A plain list, not registered: the parameters stay where the state dict has them (under `model.`).
@@ -160,10 +163,19 @@ class LitterClassifier(pl.LightningModule):
 
     def configure_optimizers(self):
         optim = self.optim
-        groups = [
-            {"params": list(self.head.parameters()), "lr": optim.lr},
-            {"params": self.backbone_parameters, "lr": optim.lr * optim.backbone_lr_scale},
-        ]
+        if optim.layer_decay is not None:
+            from timm.optim import param_groups_layer_decay
+
+            # timm's groups carry an lr_scale that only timm's schedulers read; plain optimizers read "lr".
+            groups = param_groups_layer_decay(self.model, weight_decay=optim.weight_decay,
+                                              layer_decay=optim.layer_decay)
+            for group in groups:
+                group["lr"] = optim.lr * group["lr_scale"]
+        else:
+            groups = [
+                {"params": list(self.head.parameters()), "lr": optim.lr},
+                {"params": self.backbone_parameters, "lr": optim.lr * optim.backbone_lr_scale},
+            ]
         if optim.optimizer == "sgd":
             optimizer = torch.optim.SGD(groups, lr=optim.lr, momentum=0.9, nesterov=True, weight_decay=optim.weight_decay)
         else:
@@ -174,7 +186,8 @@ class LitterClassifier(pl.LightningModule):
 
     def eval_view(self) -> EvalPreset:
         """The transform this model predicts through: its own input size and normalization."""
-        return EvalPreset(size=self.image_size, normalization=self.normalization)
+        return EvalPreset(size=self.image_size, normalization=self.normalization,
+                          interpolation=self.backbone_entry.interpolation)
 
     def calibrated(self, logits: torch.Tensor) -> torch.Tensor:
         """Probabilities after temperature scaling (temperature 1 until calibration sets it)."""

@@ -22,7 +22,7 @@ from sklearn.metrics import log_loss
 from sklearn.model_selection import StratifiedKFold
 from torch.utils.data import DataLoader
 
-from detect_waste_cls.data import batch as keys
+from detect_waste_cls.models.flip import flip_averaged
 
 log = logging.getLogger(__name__)
 
@@ -44,32 +44,10 @@ class Probe:
     chosen_by: str
 
 
-@torch.inference_mode()
 def head_inputs(model: torch.nn.Module, head: torch.nn.Module, loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features, targets) of every image in `loader`: the head's input, averaged over the image and its flip.
-
-    The model runs in eval mode (dropout off, batch-norm running statistics) and is left in the
-    modes it had, module by module.
-    """
-    captured: list[torch.Tensor] = []
-    hook = head.register_forward_hook(lambda module, inputs, output: captured.append(inputs[0].detach().float()))
-    modes = {name: module.training for name, module in model.named_modules()}
-    model.eval()
-    device = next(model.parameters()).device
-    features, targets = [], []
-    try:
-        for batch in loader:
-            images = batch[keys.IMAGE].to(device, non_blocking=True)
-            model(images)
-            model(images.flip(dims=[3]))
-            flipped, plain = captured.pop(), captured.pop()
-            features.append(((plain + flipped) / 2).flatten(1).cpu())
-            targets.append(torch.as_tensor(batch[keys.TARGET]).cpu())
-    finally:
-        hook.remove()
-        for name, module in model.named_modules():
-            module.train(modes[name])
-    return torch.cat(features), torch.cat(targets)
+    """(features, targets) of every image in `loader`: the head's input, averaged over the image and its flip."""
+    outputs = flip_averaged(model, loader, num_classes=head.out_features, head=head)
+    return outputs.features, outputs.targets
 
 
 def _regression(C: float) -> LogisticRegression:

@@ -1,0 +1,13 @@
+"""People label the images worth it, and their labels come back as class folders.
+
+select.py, strategies.py   `detect-waste-cls select`: rank the unlabeled images -> selection.csv
+label_studio.py            export: selection CSVs -> a Label Studio project folder (config, tasks with the
+                           model's guess pre-filled, README); the images are served from the dataset folder
+label_studio_import.py     import: Label Studio's JSON export -> images copied or moved into train/<class>/,
+                           with a manifest; never overwrites, and a second run changes nothing
+label_studio_api.py        push (create the project through the REST API) and pull (download the JSON export)
+label_studio_server.py     a real Label Studio on localhost, in its own venv: for the tests and the docs
+
+None of these import Label Studio: it runs in its own virtualenv (scripts/label_studio_venv.sh), and
+the commands talk to it over HTTP or through files.
+"""

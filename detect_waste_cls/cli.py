@@ -117,11 +117,12 @@ def add_select_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", type=Path, required=True, help="a run folder, a .ckpt file or an exported folder")
     parser.add_argument("--data", type=Path, required=True, help="dataset root with images_square/{train,pseudolabel}")
     parser.add_argument("--budget", type=int, required=True, help="how many images to pick")
-    parser.add_argument("--strategy", choices=list(STRATEGIES), default="typiclust",
-                        help="typiclust: one typical image per uncovered k-means cluster (few labels); coreset: "
-                             "k-center greedy; margin / entropy: the most uncertain; cluster-margin: the most "
-                             "uncertain of each cluster; random (default: typiclust, experiments/results/"
-                             "select_study)")
+    parser.add_argument("--strategy", choices=list(STRATEGIES), default="cluster-margin",
+                        help="cluster-margin: the most uncertain image of each of --budget k-means clusters; "
+                             "typiclust: one typical image per k-means cluster no labeled image is in; coreset: "
+                             "k-center greedy; margin / entropy: the most uncertain; random (default: "
+                             "cluster-margin, +4.2 points over random at 100 labels on TrashNet, "
+                             "experiments/results/select_study-5pct-224)")
     parser.add_argument("--out", type=Path, required=True, help="folder to create (must not exist or be empty)")
     parser.add_argument("--review-per-class", type=int, default=0, metavar="K",
                         help="also list the K most confident pseudo-labels of each class, to accept or fix")

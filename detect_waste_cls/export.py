@@ -14,7 +14,7 @@ from safetensors.torch import save_model as save_safetensors
 
 from detect_waste_cls import __version__
 from detect_waste_cls.config import ModelConfig
-from detect_waste_cls.errors import UserInputError
+from detect_waste_cls.errors import UserInputError, check_new_folder
 from detect_waste_cls.models.backbones import in_our_names
 from detect_waste_cls.models.classifier import LitterClassifier, load_classifier
 
@@ -78,8 +78,7 @@ def model_metrics(path: str | Path) -> dict | None:
 def export_model(checkpoint: str | Path, out: str | Path, *, onnx: bool = False, push_to_hub: str | None = None) -> Path:
     """Write config.json, model.safetensors, README.md (and model.onnx) into a new folder; optionally upload it."""
     checkpoint, out = Path(checkpoint), Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserInputError(f"{out} already exists and is not empty; choose another --out")
+    check_new_folder(out)
     if push_to_hub and not os.environ.get(HF_TOKEN_ENV):
         raise UserInputError(f"--push-to-hub needs a Hugging Face token in ${HF_TOKEN_ENV}")
     model = load_classifier(checkpoint).eval()

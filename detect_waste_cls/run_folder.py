@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 
 from detect_waste_cls.config import RECORD_KEY, TrainConfig
-from detect_waste_cls.errors import UserInputError
+from detect_waste_cls.errors import UserInputError, check_new_folder
 from detect_waste_cls.models.backbones import load_torch_file
 
 LAST_CHECKPOINT = "last"  # checkpoints/last.ckpt: the end of the latest epoch, for --resume
@@ -41,9 +41,7 @@ def create_run_dir(out: str | Path | None, name: str, *, num_nodes: int = 1) -> 
         # and creates the folder, and this rank only writes there once training has synchronized them.
         return Path(out)
     if out is not None:
-        out = Path(out)
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise UserInputError(f"--out {out} already exists and is not empty; choose a new folder")
+        out = check_new_folder(Path(out))
         out.mkdir(parents=True, exist_ok=True)
         return out
     base = Path("runs") / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"

@@ -10,8 +10,10 @@ same features, the same validation carve-out, the same fit as models/probe.py), 
 
 The frozen lite0 ImageNet features of every image (224 px, image and mirror) do not depend on the
 seed or the labels, so they are extracted once and cached in OUT/features.safetensors; every row
-is then a probe fit. Fine-tuned retraining (LP-FT) of the picks is a separate, slower step: see
-OUT/README.md for the commands that materialize a tree of the picks for `train_effnet.py`.
+is then a probe fit. Fine-tuned retraining (LP-FT) of the picks is a separate, slower step:
+
+    python -m experiments.select_study --trees TREE --materialize OUT/picks/STRATEGY-100-seedS.csv --out NEW_TREE
+    python train_effnet.py --data NEW_TREE --seed S ...
 """
 
 from __future__ import annotations
@@ -138,10 +140,10 @@ def run_seed(tree: Path, seed: int, features: dict, picks_dir: Path) -> list[dic
 
 def summarize(table: pd.DataFrame) -> pd.DataFrame:
     """Mean ± std per strategy and budget, and the paired difference from random."""
-    random = table[table.strategy == "random"].set_index(["seed", "added"]).ACC
+    random = table[table.strategy == "random"].set_index(["added", "seed"]).ACC
     lines = []
     for (strategy, added), group in table[table.added > 0].groupby(["strategy", "added"], sort=False):
-        delta = group.set_index(["seed", "added"]).ACC - random
+        delta = group.set_index("seed").ACC - random[added]
         lines.append({"strategy": strategy, "added": added, "ACC": f"{group.ACC.mean():.4f} ± {group.ACC.std():.4f}",
                       "Δ vs random": f"{delta.mean():+.4f} ± {delta.std():.4f}",
                       "better than random on": f"{int((delta > 0).sum())} of {len(delta)} seeds",
@@ -167,18 +169,41 @@ def plot(table: pd.DataFrame, out_png: Path) -> Path:
     return out_png
 
 
+def materialize(tree: Path, picks_csv: Path, out: Path) -> Path:
+    """A tree for `train_effnet.py --data OUT`: the tree's train and test splits plus the picks, each in its
+    folder-label class, as symbolic links (nothing is copied; the pseudolabel split is left out)."""
+    root = resolve_images_square(tree)
+    for split in ("train", "test"):
+        for image in (root / split).glob("*/*"):
+            link = out / "images_square" / split / image.parent.name / image.name
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(image.resolve())
+    for path, label in pd.read_csv(picks_csv)[["path", "class"]].itertuples(index=False):
+        link = out / "images_square" / "train" / label / Path(path).name
+        link.symlink_to(Path(path))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trees", type=Path, nargs="+", required=True, help="one tree per seed, in seed order")
     parser.add_argument("--seeds", type=int, nargs="+", help="default: 0, 1, ... one per tree")
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--materialize", metavar="PICKS_CSV", type=Path,
+                        help="instead of the study: write --out as a tree of the first --trees tree plus these picks")
     args = parser.parse_args(argv)
+    if args.materialize:
+        print(f"wrote {materialize(args.trees[0], args.materialize, args.out)}")
+        return 0
     seeds = args.seeds or list(range(len(args.trees)))
     (args.out / "picks").mkdir(parents=True, exist_ok=True)
-    features = cached_features(args.trees, args.out)
-    rows = [row for tree, seed in zip(args.trees, seeds) for row in run_seed(tree, seed, features, args.out / "picks")]
-    table = pd.DataFrame(rows)
-    table.to_csv(args.out / "table.csv", index=False)
+    if (args.out / "table.csv").is_file():  # done before: only the summary, the table and the plot again
+        table = pd.read_csv(args.out / "table.csv")
+    else:
+        features = cached_features(args.trees, args.out)
+        table = pd.DataFrame([row for tree, seed in zip(args.trees, seeds)
+                              for row in run_seed(tree, seed, features, args.out / "picks")])
+        table.to_csv(args.out / "table.csv", index=False)
     summary = summarize(table)
     start = table[table.strategy == "start"].ACC
     (args.out / "table.md").write_text(

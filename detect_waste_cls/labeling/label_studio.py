@@ -21,7 +21,7 @@ from urllib.parse import parse_qs, quote, urlsplit
 from xml.sax.saxutils import quoteattr
 
 from detect_waste_cls.data.images import class_folders, resolve_images_square
-from detect_waste_cls.errors import UserInputError
+from detect_waste_cls.errors import UserInputError, check_new_folder
 from detect_waste_cls.labeling.select import COLUMNS as SELECTION_COLUMNS, LABEL_ISSUE, PICKED, PSEUDO_REVIEW
 
 # In task order: images picked for labeling first, then the reviews (confident pseudo-labels to accept or
@@ -179,8 +179,7 @@ def export_project(data: str | Path, selections: Sequence[str | Path], out: str 
                    model_version: str | None = None, title: str | None = None) -> ExportReport:
     """Write label_config.xml, tasks.json, project.json and README.md into `out`, a new or empty folder."""
     out, model_version = Path(out), model_version or DEFAULT_MODEL_VERSION
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserInputError(f"{out} already exists and is not empty; choose another --out")
+    check_new_folder(out)
     if not selections:
         raise UserInputError("give at least one --selection CSV")
     dataset = Dataset.open(data)

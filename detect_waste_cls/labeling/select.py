@@ -23,7 +23,7 @@ from detect_waste_cls.data import batch as keys
 from detect_waste_cls.data.datamodule import scan_pseudolabel_folder
 from detect_waste_cls.data.datasets import ImageDataset
 from detect_waste_cls.data.images import class_folders, image_files, keep_decodable, load_rgb, resolve_images_square
-from detect_waste_cls.errors import UserInputError
+from detect_waste_cls.errors import UserInputError, check_new_folder
 from detect_waste_cls.labeling.strategies import Pool, pick
 from detect_waste_cls.models.classifier import LitterClassifier
 from detect_waste_cls.models.flip import flip_averaged
@@ -133,14 +133,6 @@ def contact_sheet(rows: pd.DataFrame, out_png: Path, title: str) -> Path:
     return plot_contact_sheet(images, captions, out_png, title=title + more)
 
 
-def _empty_out_dir(out: Path) -> Path:
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserInputError(f"{out} already exists and is not empty; choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
 def select_images(model: str | Path, data: str | Path, out: str | Path, *, budget: int, strategy: str,
                   seed: int = 0, review_per_class: int = 0, review_label_issues: bool = False, batch_size: int = 64,
                   num_workers: int = 0) -> Path:
@@ -155,7 +147,8 @@ def select_images(model: str | Path, data: str | Path, out: str | Path, *, budge
     pseudolabel = root / "pseudolabel"
     if not pseudolabel.is_dir():
         raise UserInputError(f"no unlabeled images to select from: {pseudolabel} is missing")
-    out = _empty_out_dir(out)
+    out = check_new_folder(Path(out))
+    out.mkdir(parents=True, exist_ok=True)
     scanned = scan_pseudolabel_folder(pseudolabel, classes)  # without the images a person labeled already
     readable = keep_decodable(scanned.paths, pseudolabel)
     unreadable = scanned.skipped + readable.skipped

@@ -196,6 +196,27 @@ def test_fine_tuning_defaults_depend_on_the_start_and_are_recorded(tmp_path):
     pretrained = run(data, tmp_path / "a", "efficientnet-lite0", epochs=1).config.optim
     summary = (pretrained.finetune, pretrained.lr, pretrained.backbone_lr_scale, pretrained.freeze_bn)
     assert summary == ("lp-ft", 1e-3, 0.1, True) and pretrained.starts_from_probe
+    assert pretrained.ema_decay == 0.99  # LP-FT tests and ships the average of its weights
     scratch = run(data, tmp_path / "b", "simple-cnn", epochs=1).config.optim
     assert (scratch.finetune, scratch.lr, scratch.backbone_lr_scale, scratch.freeze_bn) == ("full", 1e-4, 1.0, False)
-    assert not scratch.starts_from_probe
+    assert not scratch.starts_from_probe and scratch.ema_decay == 0
+    off = OptimConfig(ema_decay=0).resolved(starts_from_weights=True)
+    assert off.ema_decay == 0 and off.resolved(starts_from_weights=True).ema_decay == 0  # off stays off
+
+
+def test_layer_decay_gives_the_head_the_full_rate_and_each_lower_block_a_smaller_one(tmp_path):
+    from detect_waste_cls.errors import UserInputError
+    from detect_waste_cls.models.classifier import LitterClassifier
+
+    optim = OptimConfig(lr=1e-3, layer_decay=0.5)
+    model = LitterClassifier(classes=["a", "b"], image_size=32, model=ModelConfig(name="timm/test_efficientnet"),
+                             optim=optim)
+    groups = model.configure_optimizers()["optimizer"].param_groups
+    head_ids = {id(p) for p in model.head.parameters()}
+    head_rates = {g["lr"] for g in groups if any(id(p) in head_ids for p in g["params"])}
+    rates = sorted({round(g["lr"], 12) for g in groups}, reverse=True)
+    assert head_rates == {1e-3} and rates[0] == 1e-3
+    assert all(lower == pytest.approx(upper * 0.5) for upper, lower in zip(rates, rates[1:]))
+    assert len(rates) > 2 and sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    with pytest.raises(UserInputError, match="--layer-decay needs a model that timm builds"):
+        LitterClassifier(classes=["a", "b"], image_size=32, model=ModelConfig(name="simple-cnn"), optim=optim)

@@ -189,15 +189,20 @@ def scan_labeled_folder(folder: Path, classes: list[str] | None = None) -> Label
 IMPORTS_MANIFEST = "label_studio_imports.csv"
 
 
+def read_imports_manifest(images_square: Path) -> dict[str, str]:
+    """Where each imported image went: source -> destination (relative to images_square), the latest row wins."""
+    manifest = images_square / IMPORTS_MANIFEST
+    if not manifest.is_file():
+        return {}
+    with open(manifest, newline="") as file:
+        return {row["source"]: row["destination"] for row in csv.DictReader(file)}
+
+
 def labeled_by_import(images_square: Path) -> set[Path]:
     """The pseudolabel/ images a person labeled (their copies are in train/): no longer unlabeled, so neither
     pseudo-labeled nor offered for labeling again."""
-    manifest = images_square / IMPORTS_MANIFEST
-    if not manifest.is_file():
-        return set()
-    with open(manifest, newline="") as file:
-        sources = [row["source"] for row in csv.DictReader(file)]
-    return {(images_square / source).resolve() for source in sources if source.startswith("pseudolabel/")}
+    return {(images_square / source).resolve() for source in read_imports_manifest(images_square)
+            if source.startswith("pseudolabel/")}
 
 
 def resolve_images_square(data: str | Path) -> Path:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from detect_waste_cls.data.images import IMPORTS_MANIFEST
+from detect_waste_cls.data.images import IMPORTS_MANIFEST, read_imports_manifest
 from detect_waste_cls.errors import UserInputError
 from detect_waste_cls.labeling.label_studio import FROM_NAME, Dataset
 
@@ -109,14 +109,6 @@ def chosen_label(task: dict) -> tuple[str | None, bool]:
     return None, False  # submitted without a choice: as good as not annotated
 
 
-def read_manifest(path: Path) -> dict[str, str]:
-    """Where each imported image went: source -> destination (relative to images_square), the latest row wins."""
-    if not path.is_file():
-        return {}
-    with open(path, newline="") as file:
-        return {row["source"]: row["destination"] for row in csv.DictReader(file)}
-
-
 def current_place(relative: str, dataset: Dataset, moves: dict[str, str]) -> Path | None:
     """Follow the manifest from an image to the train/ file it is now, if any (a chain of moves ends there)."""
     for _ in range(len(moves) + 1):  # bounded: a chain cannot be longer than the manifest
@@ -132,7 +124,7 @@ def import_annotations(data: str | Path, export: str | Path) -> ImportReport:
     dataset, export = Dataset.open(data), Path(export)
     tasks = read_export(export)
     report = ImportReport(export, dataset.images_square / MANIFEST_FILE, tasks=len(tasks))
-    moves = read_manifest(report.manifest)
+    moves = read_imports_manifest(dataset.images_square)
     transfers = [t for task in tasks if (t := plan_task(task, dataset, moves, report))]
     to_do = check_conflicts(transfers, report)
     for transfer in to_do:

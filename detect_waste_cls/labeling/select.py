@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from detect_waste_cls.data import batch as keys
 from detect_waste_cls.data.datamodule import scan_pseudolabel_folder
 from detect_waste_cls.data.datasets import ImageDataset
-from detect_waste_cls.data.images import class_folders, image_files, keep_decodable, load_rgb, resolve_images_square
+from detect_waste_cls.data.images import keep_decodable, load_rgb, resolve_images_square, scan_labeled_folder
 from detect_waste_cls.errors import UserInputError, check_new_folder
 from detect_waste_cls.labeling.strategies import Pool, pick
 from detect_waste_cls.models.classifier import LitterClassifier
@@ -141,7 +141,8 @@ def select_images(model: str | Path, data: str | Path, out: str | Path, *, budge
         raise UserInputError(f"--budget must be at least 1, not {budget}")
     root = resolve_images_square(data)
     classifier = load_one_model(Path(model))
-    classes = class_folders(root / "train")
+    train = scan_labeled_folder(root / "train")
+    classes = train.classes
     if classes != classifier.classes:
         raise UserInputError(f"{model} was trained on classes {classifier.classes}, but {root / 'train'} has {classes}")
     pseudolabel = root / "pseudolabel"
@@ -156,9 +157,9 @@ def select_images(model: str | Path, data: str | Path, out: str | Path, *, budge
         (out / "skipped_files.txt").write_text("".join(f"{path}\n" for path in unreadable))
     if not readable.paths:
         raise UserInputError(f"no readable images under {pseudolabel}")
-    labeled_paths = keep_decodable([path for name in classes for path in image_files(root / "train" / name)],
-                                   root / "train").paths
-    labeled_targets = np.asarray([classes.index(path.parent.name) for path in labeled_paths], dtype=np.int64)
+    target_of = dict(zip(train.paths, train.targets))
+    labeled_paths = keep_decodable(train.paths, root / "train").paths
+    labeled_targets = np.asarray([target_of[path] for path in labeled_paths], dtype=np.int64)
     options = dict(batch_size=batch_size, num_workers=num_workers)
     unlabeled, labeled = embed(classifier, readable.paths, **options), embed(classifier, labeled_paths, **options)
 

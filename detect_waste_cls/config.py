@@ -199,10 +199,15 @@ class PseudoConfig(_Section):
         None, "--pseudo-teacher-finetune", choices=FINETUNE_RECIPES,
         help="the recipe of round 0's teachers (default: the run's own --finetune; linear: each the converged probe "
              "alone, one feature pass)")
+    distill_probe: bool | None = option(
+        None, "--pseudo-distill-probe",
+        help="teacher mode: fit the student's probe to the teachers' labels of the pseudolabel split as well as to "
+             "the labeled split (soft rows weighted as the pseudo-label loss weighs them); lp-ft then fine-tunes from "
+             "that head (default: on for a --finetune linear student, which is that probe alone; off for lp-ft)")
     rounds: int = option(1, "--pseudo-rounds", help="teacher mode: student rounds, each round's final student "
                                                     "(--final-checkpoint) teaching the next")
 
-    def resolved(self, *, epochs: int, starts_from_probe: bool = False) -> "PseudoConfig":
+    def resolved(self, *, epochs: int, starts_from_probe: bool = False, probe_only: bool = False) -> "PseudoConfig":
         mode = "teacher" if self.teacher is not None and self.mode == "none" else self.mode
         if self.teacher is not None and mode != "teacher":
             raise UserInputError(f"--pseudo-teacher labels once, in teacher mode; it cannot be combined with --pseudo {mode}")
@@ -219,7 +224,13 @@ class PseudoConfig(_Section):
             start = 0
         else:
             start = epochs // 2
-        return dataclasses.replace(self, mode=mode, start=start)
+        distill_probe = self.distill_probe
+        if distill_probe and not (mode == "teacher" and starts_from_probe):
+            raise UserInputError("--pseudo-distill-probe fits a probe to teachers' labels: it needs teacher mode "
+                                 "(--pseudo teacher) and a probe (--finetune lp-ft or linear)")
+        if distill_probe is None:
+            distill_probe = mode == "teacher" and probe_only
+        return dataclasses.replace(self, mode=mode, start=start, distill_probe=distill_probe)
 
 
 @dataclass(frozen=True)

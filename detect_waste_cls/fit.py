@@ -103,13 +103,15 @@ def fit_and_test(config: TrainConfig, callbacks: Sequence[pl.Callback] = (), run
     # Lightning's save_last only rewrites last.ckpt when a new best is saved; --resume needs the latest epoch.
     latest = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename=LAST_CHECKPOINT, enable_version_counter=False)
     all_callbacks = [checkpoints, latest, EpochSummary(), StopOnNonFiniteLoss(), *callbacks]
-    if config.optim.starts_from_probe:
-        all_callbacks.insert(0, ConvergedProbe())  # first: pseudo-labels and the EMA start from the probe's head
+    pseudo_labels = None
+    if config.pseudo.mode != "none":
+        pseudo_labels = PseudoLabelRefresh(model.pseudo, output_csv=run_dir / "pseudo_labels.csv", cache=teacher_labels)
+    if config.optim.starts_from_probe:  # first: pseudo-labels and the EMA start from the probe's head
+        all_callbacks.insert(0, ConvergedProbe(distill_from=pseudo_labels if config.pseudo.distill_probe else None))
     if config.optim.ema_decay and not probe_only:
         all_callbacks.append(EMATeacher(config.optim.ema_decay))
-    if config.pseudo.mode != "none":
-        all_callbacks.append(PseudoLabelRefresh(model.pseudo, output_csv=run_dir / "pseudo_labels.csv",
-                                                cache=teacher_labels))
+    if pseudo_labels is not None:
+        all_callbacks.append(pseudo_labels)
     loggers = build_loggers(
         config.run.loggers,
         run_dir,

@@ -56,11 +56,12 @@ def resolve_config(config: TrainConfig) -> TrainConfig:
         print(f"no --data given: training {model.name} from {weights} on the embedded sample {SAMPLE_DATA} "
               f"at {data.image_size} px (pass --data DIR for your own images)")
     optim = config.optim.resolved(starts_from_weights=bool(model.pretrained or model.weights))
-    pseudo = config.pseudo.resolved(epochs=optim.epochs, starts_from_probe=optim.starts_from_probe)
-    if optim.finetune == "linear" and pseudo.mode != "none":
+    pseudo = config.pseudo.resolved(epochs=optim.epochs, starts_from_probe=optim.starts_from_probe,
+                                    probe_only=optim.finetune == "linear")
+    if optim.finetune == "linear" and pseudo.mode != "none" and not pseudo.distill_probe:
         raise UserInputError(f"--finetune linear fits the probe once and trains no epochs, so nothing learns from "
-                             f"--pseudo {pseudo.mode}; use --finetune lp-ft (in teacher mode, "
-                             "--pseudo-teacher-finetune linear makes round 0's teachers probes)")
+                             f"--pseudo {pseudo.mode} but the probe itself (teacher mode with --pseudo-distill-probe); "
+                             "use --finetune lp-ft (--pseudo-teacher-finetune linear makes round 0's teachers probes)")
     on_gpu = trains_on_gpu(config.run)
     run = config.run.resolved(on_gpu=on_gpu, bf16_supported=on_gpu and torch.cuda.is_bf16_supported())
     return dataclasses.replace(config, data=data, model=model, optim=optim, run=run, pseudo=pseudo)

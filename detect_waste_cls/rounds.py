@@ -35,7 +35,8 @@ def teacher_configs(config: TrainConfig) -> dict[str, TrainConfig]:
     finetune = {"finetune": pseudo.teacher_finetune} if pseudo.teacher_finetune else {}
     configs = {}
     for name in names:
-        changes = {"pseudo": {"mode": "none", "teacher_models": None, "teacher_finetune": None}, "optim": finetune}
+        supervised = {"mode": "none", "teacher_models": None, "teacher_finetune": None, "distill_probe": None}
+        changes = {"pseudo": supervised, "optim": finetune}
         if name != config.model.name:  # another backbone: its native size (unless --img-size), its own weights
             changes["model"] = {"name": name, "weights": None}
         folder = "round-0" if len(names) == 1 else f"round-0-{name}"

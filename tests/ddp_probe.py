@@ -4,6 +4,7 @@ Used by test_pseudo.py: `python tests/ddp_probe.py DUMP_DIR <train arguments>`. 
 script for the second rank, so both ranks get the dumping callback.
 """
 
+import logging
 import sys
 from pathlib import Path
 
@@ -33,6 +34,7 @@ class DumpStores(pl.Callback):
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO)  # as the CLI: the probe says what it was fitted to
     dump_dir = Path(sys.argv[1])
     dump_dir.mkdir(parents=True, exist_ok=True)
     args = build_parser().parse_args(sys.argv[2:])

@@ -89,7 +89,7 @@ def test_the_cli_defaults_are_the_dataclass_defaults():
 def test_the_model_the_datamodule_and_the_callback_share_one_pseudo_config():
     classifier = LitterClassifier(classes=["a", "b"], image_size=32, model=ModelConfig(name="simple-cnn"))
     # Built from Python with no settings, the classifier has the CLI's pseudo-labeling defaults, resolved.
-    assert classifier.pseudo == PseudoConfig(start=OptimConfig.epochs // 2)
+    assert classifier.pseudo == PseudoConfig(start=OptimConfig.epochs // 2, distill_probe=False)
     assert classifier.pseudo.threshold == 0.9 and classifier.pseudo.rampup == 2.0
 
 
@@ -107,6 +107,11 @@ def test_teacher_settings_resolve_to_teacher_mode_and_conflicts_are_one_line_err
     assert PseudoConfig(mode="teacher").resolved(epochs=10).start == 0  # a fixed teacher's labels are ready at once
     assert PseudoConfig(mode="per_batch").resolved(epochs=10).start == 5  # from scratch: half-way
     assert PseudoConfig(mode="per_batch").resolved(epochs=12, starts_from_probe=True).start == 0  # a converged probe
+    # A linear student is the distilled probe; an lp-ft student distills its probe only when asked.
+    assert PseudoConfig(mode="teacher").resolved(epochs=12, starts_from_probe=True, probe_only=True).distill_probe
+    assert not PseudoConfig(mode="teacher").resolved(epochs=12, starts_from_probe=True).distill_probe
+    with pytest.raises(UserInputError, match="--pseudo-distill-probe fits a probe to teachers' labels"):
+        PseudoConfig(mode="teacher", distill_probe=True).resolved(epochs=12)  # full fine-tuning: no probe
     with pytest.raises(UserInputError, match="--pseudo-teacher-models trains round 0's teachers"):
         PseudoConfig(teacher=("t.ckpt",), teacher_models=("simple-cnn",)).resolved(epochs=10)
     with pytest.raises(UserInputError, match="cannot be combined with --pseudo per_batch"):

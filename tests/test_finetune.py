@@ -14,7 +14,7 @@ from detect_waste_cls.models import probe as probe_module
 from detect_waste_cls.data.transforms import EvalPreset
 from detect_waste_cls.models.backbones import IMAGENET_NORMALIZATION, SYMMETRIC_NORMALIZATION, create_backbone, get_backbone
 from detect_waste_cls.models.classifier import load_classifier
-from detect_waste_cls.models.probe import PROBE_CS, fit_probe, head_inputs
+from detect_waste_cls.models.probe import PROBE_CS, SoftTargets, fit_probe, head_inputs
 from detect_waste_cls.predict import predict_paths
 
 
@@ -84,8 +84,11 @@ def test_each_models_normalization_reaches_training_validation_and_prediction(tm
     assert torch.allclose(predict_paths(restored, [image]), expected, atol=1e-6)
 
 
-def reference_probe(features, targets, C, num_classes):
-    """An independent fit of the same objective: C x summed cross-entropy + ||W||^2 / 2 (bias unpenalized), by L-BFGS."""
+def reference_probe(features, targets, C, num_classes, weights=None):
+    """An independent fit of the same objective: C x summed cross-entropy + ||W||^2 / 2 (bias unpenalized), by L-BFGS.
+
+    `targets`: class indices or distributions; `weights`: how much each image's cross-entropy counts (default 1).
+    """
     weight = torch.zeros(num_classes, features.shape[1], dtype=torch.float64, requires_grad=True)
     bias = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
     optimizer = torch.optim.LBFGS([weight, bias], max_iter=2000, tolerance_grad=1e-10, tolerance_change=1e-14,
@@ -93,7 +96,8 @@ def reference_probe(features, targets, C, num_classes):
 
     def objective():
         optimizer.zero_grad()
-        loss = C * F.cross_entropy(features @ weight.T + bias, targets, reduction="sum") + (weight**2).sum() / 2
+        per_image = F.cross_entropy(features @ weight.T + bias, targets, reduction="none")
+        loss = C * (per_image if weights is None else weights * per_image).sum() + (weight**2).sum() / 2
         loss.backward()
         return loss
 
@@ -112,6 +116,25 @@ def test_the_probe_is_the_optimum_of_l2_regularized_logistic_regression(C, monke
     ours = (features.float() @ probe.weight.T + probe.bias).softmax(1)
     assert probe.C == C and "fold" in probe.chosen_by
     assert torch.allclose(ours, (features @ weight.T + bias).softmax(1).float(), atol=1e-3)
+
+
+def test_a_distilled_probe_is_the_optimum_of_the_labeled_and_the_weighted_soft_target_cross_entropy(monkeypatch):
+    generator = torch.Generator().manual_seed(2)
+    targets = torch.arange(3).repeat(4)
+    features = torch.randn(12, 5, generator=generator, dtype=torch.float64) + 1.5 * F.one_hot(targets, 5)
+    unlabeled = torch.randn(20, 5, generator=generator, dtype=torch.float64)
+    teacher = torch.distributions.Dirichlet(torch.ones(3)).sample((20,)).double()
+    weights = torch.tensor([0.0, 0.5, 1.0, 1.0] * 5, dtype=torch.float64)  # below the threshold, confidence, full
+    monkeypatch.setattr(probe_module, "PROBE_CS", (3.0,))
+    probe = fit_probe(features, targets, num_classes=3, soft=SoftTargets(unlabeled, teacher, weights))
+    everything = torch.cat([features, unlabeled])
+    weight, bias = reference_probe(everything, torch.cat([F.one_hot(targets, 3).double(), teacher]), 3.0, 3,
+                                   weights=torch.cat([torch.ones(12, dtype=torch.float64), weights]))
+    ours = (everything.float() @ probe.weight.T + probe.bias).softmax(1)
+    assert "refitted with 15 teacher-labeled images" in probe.chosen_by
+    assert torch.allclose(ours, (everything @ weight.T + bias).softmax(1).float(), atol=1e-3)
+    labeled_only = fit_probe(features, targets, num_classes=3)
+    assert not torch.allclose(labeled_only.weight, probe.weight, atol=1e-2)  # the teacher's labels moved the head
 
 
 def test_the_probe_strength_is_chosen_on_a_large_enough_validation_split():

@@ -118,22 +118,48 @@ def test_round_0_trains_a_teacher_per_model_and_scores_their_ensemble(tmp_path, 
     assert rounds.accuracy.notna().all()
 
 
-def test_linear_trains_no_epoch_so_it_cannot_be_a_pseudo_labeling_student(tmp_path, tiny_tree):
+def test_linear_trains_no_epoch_so_it_cannot_be_a_refreshing_pseudo_labeling_student(tmp_path, tiny_tree):
     with pytest.raises(UserInputError, match="--pseudo-teacher-finetune linear"):
         train(tiny_config(tiny_tree, tmp_path / "run", optim={"finetune": "linear"}, pseudo={"mode": "per_epoch"}))
+    with pytest.raises(UserInputError, match="needs teacher mode"):
+        train(tiny_config(tiny_tree, tmp_path / "run", pseudo={"mode": "per_epoch", "distill_probe": True}))
 
 
-def test_under_ddp_every_rank_starts_from_the_probe_and_the_ensembles_labels_labeled_in_shards(tmp_path):
+def head_of(checkpoint) -> torch.Tensor:
+    model = load_classifier(checkpoint)
+    return torch.cat([model.head.weight.flatten(), model.head.bias])
+
+
+def test_a_linear_student_is_the_probe_fitted_to_its_teachers_labels_as_well(tmp_path, tiny_tree):
+    teacher = str(train(tiny_config(tiny_tree, tmp_path / "teacher", optim={"epochs": 1})).final_checkpoint)
+    probe = train(tiny_config(tiny_tree, tmp_path / "probe", optim={"finetune": "linear"}))
+
+    def student(name: str, threshold: float):
+        return train(tiny_config(tiny_tree, tmp_path / name, optim={"finetune": "linear"},
+                                 pseudo={"teacher": [teacher], "targets": "soft", "threshold": threshold}))
+
+    distilled, nothing_passes = student("distilled", 0.0), student("nothing-passes", 1.0 + 1e-6)
+    assert distilled.config.pseudo.distill_probe and distilled.config.pseudo.mode == "teacher"
+    assert "train/loss" not in pd.read_csv(distilled.rounds[-1].run_dir / "metrics.csv")  # no epoch trained
+    # No label passes: the labeled probe exactly; every label counts: another head.
+    assert torch.allclose(head_of(nothing_passes.final_checkpoint), head_of(probe.final_checkpoint), atol=1e-4)
+    assert not torch.allclose(head_of(distilled.final_checkpoint), head_of(probe.final_checkpoint), atol=1e-2)
+    assert distilled.test_metrics["accuracy"] is not None
+
+
+def test_under_ddp_every_rank_starts_from_one_distilled_probe_and_the_ensembles_labels_labeled_in_shards(tmp_path):
     data = make_tree(tmp_path / "data", {"train": {n: 8 for n in COLOURS}, "test": {n: 2 for n in COLOURS}}, pseudo=15)
     small = train(tiny_config(data, tmp_path / "small", optim={"epochs": 1})).final_checkpoint
     other = train(tiny_config(data, tmp_path / "other", model={"name": "resnet18"}, data={"image_size": 40},
                               optim={"epochs": 1})).final_checkpoint
     dumps = tmp_path / "dumps"
     args = train_args(data, tmp_path / "runs" / "student", "--devices", "2", "--model", "efficientnet-lite0",
-                      "--pseudo-teacher", str(small), str(other), "--pseudo-threshold", "0")
+                      "--pseudo-teacher", str(small), str(other), "--pseudo-threshold", "0",
+                      "--pseudo-distill-probe")
     args[args.index("--epochs") + 1] = "1"
-    subprocess.run([PYTHON, str(REPO_ROOT / "tests" / "ddp_probe.py"), str(dumps), *args], check=True, cwd=REPO_ROOT,
-                   timeout=300)
+    ran = subprocess.run([PYTHON, str(REPO_ROOT / "tests" / "ddp_probe.py"), str(dumps), *args], check=True,
+                         cwd=REPO_ROOT, timeout=300, capture_output=True, text=True)
+    assert "refitted with 15 teacher-labeled images" in ran.stdout + ran.stderr
     heads = [torch.load(dumps / f"head_rank{rank}.pt", weights_only=True) for rank in (0, 1)]
     assert all(torch.equal(heads[0][k], heads[1][k]) for k in heads[0])  # rank 0's probe, broadcast
     stores = [torch.load(dumps / f"end_rank{rank}.pt", weights_only=True) for rank in (0, 1)]

@@ -6,6 +6,11 @@ logistic regression is fitted to them to convergence (scikit-learn, L-BFGS); its
 chosen on the validation split, or by stratified k-fold on the training split when the
 validation split is too small to choose with. Its weights become the head, so fine-tuning
 starts from the probe's optimum instead of a few epochs of Adam on augmented crops.
+
+A teacher-mode student can fit its probe to the teachers' labels of the pseudolabel split too
+(--pseudo-distill-probe; all of a `--finetune linear` student): each unlabeled image counts as one
+row per class, weighted by the teacher's probability of that class (times the image's pseudo-label
+weight), which makes scikit-learn's weighted cross-entropy the soft-target cross-entropy.
 """
 
 from __future__ import annotations
@@ -50,6 +55,15 @@ def head_inputs(model: torch.nn.Module, head: torch.nn.Module, loader: DataLoade
     return outputs.features, outputs.targets
 
 
+@dataclass(frozen=True)
+class SoftTargets:
+    """Extra rows for the probe: features, a target distribution per image, and how much each image counts."""
+
+    features: torch.Tensor
+    probabilities: torch.Tensor
+    weights: torch.Tensor
+
+
 def _regression(C: float) -> LogisticRegression:
     return LogisticRegression(C=C, max_iter=MAX_ITERATIONS)
 
@@ -67,8 +81,13 @@ def _as_softmax_head(fitted: LogisticRegression, num_classes: int) -> tuple[torc
 
 
 def fit_probe(train_features: torch.Tensor, train_targets: torch.Tensor, val_features: torch.Tensor | None = None,
-              val_targets: torch.Tensor | None = None, *, num_classes: int, seed: int = 0) -> Probe:
-    """Fit the probe to convergence, C chosen by validation log-loss, else by stratified k-fold on train."""
+              val_targets: torch.Tensor | None = None, *, num_classes: int, seed: int = 0,
+              soft: SoftTargets | None = None) -> Probe:
+    """Fit the probe to convergence, C chosen by validation log-loss, else by stratified k-fold on train.
+
+    With `soft` (a distilled probe), C is chosen on the labeled images as without, then the probe is
+    refitted at that C to the labeled images and the soft rows together.
+    """
     x, y = train_features.double().numpy(), train_targets.numpy()
     val_big_enough = val_targets is not None and len(val_targets) >= MIN_VAL_IMAGES_PER_CLASS * num_classes
     if val_big_enough:
@@ -90,20 +109,40 @@ def fit_probe(train_features: torch.Tensor, train_targets: torch.Tensor, val_fea
             C, chosen_by = float(np.atleast_1d(fitted.C_)[0]), f"{folds}-fold log-loss on {len(y)} training images"
         else:
             fitted, C, chosen_by = _regression(FALLBACK_C).fit(x, y), FALLBACK_C, "fallback (too few images per class)"
+    if soft is not None and bool((soft.weights > 0).any()):  # no label passes: nothing to add to the fit
+        fitted = _fit_with_soft_rows(x, y, soft, C)
+        chosen_by += f"; refitted with {int((soft.weights > 0).sum())} teacher-labeled images"
     weight, bias = _as_softmax_head(fitted, num_classes)
     return Probe(weight, bias, C, chosen_by)
+
+
+def _fit_with_soft_rows(x: np.ndarray, y: np.ndarray, soft: SoftTargets, C: float) -> LogisticRegression:
+    """sum_i w_i sum_k p_ik (-log q_ik) is the weighted cross-entropy of one row per (image, class) of weight w_i p_ik."""
+    row_weights = (soft.weights.double()[:, None] * soft.probabilities.double()).numpy()
+    image, label = np.nonzero(row_weights > 1e-6)  # a class the teacher all but rules out adds nothing
+    features = np.concatenate([x, soft.features.double().numpy()[image]])
+    labels = np.concatenate([y, label])
+    sample_weight = np.concatenate([np.ones(len(y)), row_weights[image, label]])
+    return _regression(C).fit(features, labels, sample_weight=sample_weight)
 
 
 class ConvergedProbe(pl.Callback):
     """Before the first training step, fit the probe on the labeled split and make it the head.
 
-    A resumed run keeps the head its checkpoint has. Under DDP rank 0 fits (the labeled split is
-    small) and broadcasts the head, so every rank starts from the same weights.
+    `distill_from` (a teacher-mode PseudoLabelRefresh): the teachers label the pseudolabel split
+    first, and the probe is fitted to those labels too. A resumed run keeps the head its checkpoint
+    has. Under DDP rank 0 fits (and extracts the features) and broadcasts the head, so every rank
+    starts from the same weights.
     """
+
+    def __init__(self, distill_from=None):
+        self.distill_from = distill_from
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.ckpt_path is not None:
             return
+        # Every rank: the teachers label in shards.
+        teacher_targets = self.distill_from.distillation_targets(trainer, pl_module) if self.distill_from else None
         head = pl_module.head
         probe = None
         if trainer.is_global_zero:
@@ -111,7 +150,14 @@ class ConvergedProbe(pl.Callback):
             with trainer.precision_plugin.forward_context():
                 train = head_inputs(pl_module, head, data.probe_dataloader())
                 val = head_inputs(pl_module, head, data.val_dataloader()) if data.has_own_val else (None, None)
-            probe = fit_probe(*train, *val, num_classes=len(pl_module.classes), seed=trainer.datamodule.seed)
+                soft = None
+                if teacher_targets is not None:
+                    unlabeled = flip_averaged(pl_module, data.pseudo_inference_dataloader(), num_classes=head.out_features,
+                                              head=head)
+                    features = torch.empty_like(unlabeled.features)
+                    features[unlabeled.indices] = unlabeled.features
+                    soft = SoftTargets(features, *teacher_targets)
+            probe = fit_probe(*train, *val, num_classes=len(pl_module.classes), seed=trainer.datamodule.seed, soft=soft)
             log.info("linear probe on %d images: C = %.3g, chosen by %s", len(train[1]), probe.C, probe.chosen_by)
         probe = trainer.strategy.broadcast(probe, src=0)
         with torch.no_grad():

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from detect_waste_cls.config import PseudoConfig
 from detect_waste_cls.data import batch as keys
 from detect_waste_cls.models.ema import find_ema_teacher
-from detect_waste_cls.pseudo.loss import flex_thresholds, image_weights
+from detect_waste_cls.pseudo.loss import flex_thresholds, image_weights, tempered_log_targets
 from detect_waste_cls.pseudo.store import PseudoLabelStore
 from detect_waste_cls.predict import flip_averaged_probabilities
 from detect_waste_cls.pseudo.teachers import TeacherLabelCache, labels_key, load_teachers
@@ -145,10 +145,29 @@ class PseudoLabelRefresh(pl.Callback):
         averaged = ema.averaged_model() if ema is not None else None
         return averaged if averaged is not None else pl_module
 
+    def _labeled_by_teacher(self) -> bool:
+        return bool((self.store.epoch >= 0).any())
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        # After a checkpoint restore: a resumed student keeps the labels it has.
-        if self.mode == "teacher" and not bool((self.store.epoch >= 0).any()):
+        # After a checkpoint restore, or a distilled probe: the student keeps the labels it has.
+        if self.mode == "teacher" and not self._labeled_by_teacher():
             self._label_with_teacher(trainer, pl_module)
+
+    def distillation_targets(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> tuple[torch.Tensor, torch.Tensor]:
+        """(target distribution, weight) of every pseudolabel image, as the student's loss takes them: for a distilled probe.
+
+        Labels with the teachers first (every rank takes part); the weight includes --pseudo-weight.
+        """
+        if not self._labeled_by_teacher():
+            self._label_with_teacher(trainer, pl_module)
+        probabilities, labels = self.store.lookup(torch.arange(len(self.paths)))
+        weights = self.config.weight * image_weights(labels, probabilities.max(dim=1).values, self.thresholds(),
+                                                     self.config.weighting)
+        if self.config.targets == "hard":
+            targets = torch.nn.functional.one_hot(labels.clamp(min=0), len(self.classes)).float()
+        else:
+            targets = tempered_log_targets(probabilities, self.config.temperature).exp()
+        return targets, weights
 
     def _label_with_teacher(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         mean = torch.zeros(len(self.paths), len(self.classes))

@@ -57,6 +57,11 @@ def image_weights(labels: torch.Tensor, confidence: torch.Tensor, thresholds: fl
     return passing * confidence if weighting == "confidence" else passing
 
 
+def tempered_log_targets(probabilities: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log softmax(log p / T): the teacher's side of distillation at temperature T (T = 1: log p itself)."""
+    return F.log_softmax(probabilities.clamp(min=1e-12).log() / temperature, dim=1)
+
+
 def pseudo_label_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
                       temperature: float = 1.0) -> torch.Tensor:
     """mean(weights x per-image loss): cross-entropy to a class index (hard), or distillation to a distribution (soft).
@@ -67,7 +72,7 @@ def pseudo_label_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torc
     gives an exact zero that still depends on every parameter: under DDP every rank runs the same graph.
     """
     if targets.is_floating_point():
-        teacher = F.log_softmax(targets.to(logits.dtype).clamp(min=1e-12).log() / temperature, dim=1)
+        teacher = tempered_log_targets(targets.to(logits.dtype), temperature)
         student = F.log_softmax(logits / temperature, dim=1)
         per_image = temperature**2 * (teacher.exp() * (teacher - student)).sum(dim=1)
     else:

@@ -20,7 +20,6 @@ from detect_waste_cls.data.images import keep_decodable, resolve_test_folder, sc
 from detect_waste_cls.export import load_model
 from detect_waste_cls.models.classifier import temperature_scaled
 from detect_waste_cls.plots import plot_confusion, plot_reliability
-from detect_waste_cls.errors import UserInputError
 from detect_waste_cls.predict import path_logits, path_probabilities_with_flip
 
 EVALUATION_FILES = ("metrics.json", "classification_report.txt", "confusion_matrix.png", "reliability_diagram.png",
@@ -129,11 +128,8 @@ def evaluate_ensemble(
 ) -> dict:
     """Score the mean of several models' probabilities, each model over the image and its flip at its own size:
     the labels an ensemble of teachers gives (pseudo/teachers.py), measured on a labeled folder."""
-    models = [load_model(path).to(device) for path in model_paths]
-    classes = models[0].classes
-    for path, model in zip(model_paths, models):
-        if model.classes != classes:
-            raise UserInputError(f"{path} knows classes {model.classes}, but {model_paths[0]} knows {classes}")
+    classes = load_model(model_paths[0]).classes
+    models = [load_model(path, classes, classes_of=str(model_paths[0])).to(device) for path in model_paths]
     paths, targets, skipped = _test_images(folder, classes)
     probabilities = torch.stack([path_probabilities_with_flip(model, paths, batch_size=batch_size,
                                                               num_workers=num_workers) for model in models]).mean(0)

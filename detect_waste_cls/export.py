@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -34,12 +35,17 @@ def is_exported_folder(path: str | Path) -> bool:
     return (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file()
 
 
-def load_model(path: str | Path) -> LitterClassifier:
-    """A ready-to-predict model from a checkpoint file or an exported folder, in the channels-last layout."""
+def load_model(path: str | Path, classes: Sequence[str] | None = None, classes_of: str = "the data") -> LitterClassifier:
+    """A ready-to-predict model from a checkpoint file or an exported folder, in the channels-last layout.
+
+    With `classes`, the model must know exactly those, in that order (`classes_of` names where they come from).
+    """
     path = Path(path)
     if not path.exists():
         raise UserInputError(f"model not found: {path} (give a .ckpt file or an exported folder)")
     model = load_pretrained(path) if path.is_dir() else load_classifier(path)
+    if classes is not None and model.classes != list(classes):
+        raise UserInputError(f"{path} was trained on classes {model.classes}, but {classes_of} has {list(classes)}")
     # The same predictions, 1.5-1.7x faster on a CPU (benchmarks/results/channels_last-cpu.md).
     return model.to(memory_format=torch.channels_last)
 

@@ -145,6 +145,12 @@ def test_a_linear_student_is_the_probe_fitted_to_its_teachers_labels_as_well(tmp
     assert torch.allclose(head_of(nothing_passes.final_checkpoint), head_of(probe.final_checkpoint), atol=1e-4)
     assert not torch.allclose(head_of(distilled.final_checkpoint), head_of(probe.final_checkpoint), atol=1e-2)
     assert distilled.test_metrics["accuracy"] is not None
+    # No epoch, but the teacher's labels are written, as a fine-tuned student writes them.
+    labels = pd.read_csv(distilled.rounds[-1].run_dir / "pseudo_labels.csv")
+    teacher_probabilities = path_probabilities_with_flip(load_classifier(teacher), [Path(p) for p in labels.path])
+    classes = load_classifier(teacher).classes
+    assert labels.label.tolist() == [classes[i] for i in teacher_probabilities.argmax(dim=1).tolist()]
+    assert labels.confidence.to_numpy() == pytest.approx(teacher_probabilities.max(dim=1).values.numpy(), abs=1e-5)
 
 
 def test_under_ddp_every_rank_starts_from_one_distilled_probe_and_the_ensembles_labels_labeled_in_shards(tmp_path):

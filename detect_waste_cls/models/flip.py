@@ -57,6 +57,6 @@ def flip_averaged(model: torch.nn.Module, loader: DataLoader, *, num_classes: in
             module.train(modes[name])
     if not indices:
         return FlipAveraged(torch.empty(0, dtype=torch.long), torch.empty(0, num_classes),
-                            None if head is None else torch.empty(0, 0), None)
+                            None if head is None else torch.empty(0, head.in_features), None)
     return FlipAveraged(torch.cat(indices), torch.cat(probabilities), torch.cat(features) if features else None,
                         torch.cat(targets) if targets else None)

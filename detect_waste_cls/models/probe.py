@@ -28,6 +28,7 @@ from sklearn.model_selection import StratifiedKFold
 from torch.utils.data import DataLoader
 
 from detect_waste_cls.models.flip import flip_averaged
+from detect_waste_cls.shards import gather_shards
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +110,10 @@ def fit_probe(train_features: torch.Tensor, train_targets: torch.Tensor, val_fea
             C, chosen_by = float(np.atleast_1d(fitted.C_)[0]), f"{folds}-fold log-loss on {len(y)} training images"
         else:
             fitted, C, chosen_by = _regression(FALLBACK_C).fit(x, y), FALLBACK_C, "fallback (too few images per class)"
-    if soft is not None and bool((soft.weights > 0).any()):  # no label passes: nothing to add to the fit
+    passing = 0 if soft is None else int((soft.weights > 0).sum())
+    if passing:  # no label passes: nothing to add to the fit
         fitted = _fit_with_soft_rows(x, y, soft, C)
-        chosen_by += f"; refitted with {int((soft.weights > 0).sum())} teacher-labeled images"
+        chosen_by += f"; refitted with {passing} teacher-labeled images"
     weight, bias = _as_softmax_head(fitted, num_classes)
     return Probe(weight, bias, C, chosen_by)
 
@@ -130,9 +132,9 @@ class ConvergedProbe(pl.Callback):
     """Before the first training step, fit the probe on the labeled split and make it the head.
 
     `distill_from` (a teacher-mode PseudoLabelRefresh): the teachers label the pseudolabel split
-    first, and the probe is fitted to those labels too. A resumed run keeps the head its checkpoint
-    has. Under DDP rank 0 fits (and extracts the features) and broadcasts the head, so every rank
-    starts from the same weights.
+    first, and the probe is fitted to those labels too (every rank labels, and extracts the
+    features of, its shard). A resumed run keeps the head its checkpoint has. Under DDP rank 0 fits
+    and broadcasts the head, so every rank starts from the same weights.
     """
 
     def __init__(self, distill_from=None):
@@ -141,23 +143,23 @@ class ConvergedProbe(pl.Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.ckpt_path is not None:
             return
-        # Every rank: the teachers label in shards.
-        teacher_targets = self.distill_from.distillation_targets(trainer, pl_module) if self.distill_from else None
-        head = pl_module.head
+        head, data = pl_module.head, trainer.datamodule
+        soft = None
+        if self.distill_from is not None:  # every rank: the teachers label, and the student's features come, in shards
+            teacher_targets = self.distill_from.distillation_targets(trainer, pl_module)
+            with trainer.precision_plugin.forward_context():
+                shard = flip_averaged(pl_module, data.pseudo_inference_dataloader(trainer.global_rank, trainer.world_size),
+                                      num_classes=head.out_features, head=head)
+            indices, shard_features = gather_shards(pl_module, shard.indices, shard.features)
+            features = torch.empty(len(teacher_targets[0]), head.in_features)
+            features[indices] = shard_features
+            soft = SoftTargets(features, *teacher_targets)
         probe = None
         if trainer.is_global_zero:
-            data = trainer.datamodule
             with trainer.precision_plugin.forward_context():
                 train = head_inputs(pl_module, head, data.probe_dataloader())
                 val = head_inputs(pl_module, head, data.val_dataloader()) if data.has_own_val else (None, None)
-                soft = None
-                if teacher_targets is not None:
-                    unlabeled = flip_averaged(pl_module, data.pseudo_inference_dataloader(), num_classes=head.out_features,
-                                              head=head)
-                    features = torch.empty_like(unlabeled.features)
-                    features[unlabeled.indices] = unlabeled.features
-                    soft = SoftTargets(features, *teacher_targets)
-            probe = fit_probe(*train, *val, num_classes=len(pl_module.classes), seed=trainer.datamodule.seed, soft=soft)
+            probe = fit_probe(*train, *val, num_classes=len(pl_module.classes), seed=data.seed, soft=soft)
             log.info("linear probe on %d images: C = %.3g, chosen by %s", len(train[1]), probe.C, probe.chosen_by)
         probe = trainer.strategy.broadcast(probe, src=0)
         with torch.no_grad():

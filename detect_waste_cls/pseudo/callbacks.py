@@ -17,6 +17,7 @@ from detect_waste_cls.models.ema import find_ema_teacher
 from detect_waste_cls.pseudo.loss import flex_thresholds, image_weights, tempered_log_targets
 from detect_waste_cls.pseudo.store import PseudoLabelStore
 from detect_waste_cls.predict import flip_averaged_probabilities
+from detect_waste_cls.shards import gather_shards
 from detect_waste_cls.pseudo.teachers import TeacherLabelCache, labels_key, load_teachers
 
 log = logging.getLogger(__name__)
@@ -109,21 +110,6 @@ class PseudoLabelRefresh(pl.Callback):
             return flex_thresholds(self.store.labels, self.store.confidence, self.config.threshold, len(self.classes))
         return self.config.threshold
 
-    def _gather(self, pl_module: pl.LightningModule, *tensors: torch.Tensor) -> list[torch.Tensor]:
-        """Concatenate each tensor across ranks; rows whose index (the first tensor) is -1 are padding."""
-        if pl_module.trainer.world_size == 1:
-            return list(tensors)
-        # Shards differ in length by at most one, and all_gather needs equal shapes.
-        length = torch.tensor([len(tensors[0])], device=pl_module.device)
-        longest = int(pl_module.all_gather(length).max())
-        gathered = []
-        for tensor in tensors:
-            pad = torch.full((longest - len(tensor), *tensor.shape[1:]), -1, dtype=tensor.dtype)
-            padded = torch.cat([tensor.cpu(), pad]).to(pl_module.device)
-            gathered.append(pl_module.all_gather(padded).reshape(-1, *tensor.shape[1:]).cpu())
-        keep = gathered[0] >= 0
-        return [t[keep] for t in gathered]
-
     def _relabel(self, trainer: pl.Trainer, labeler: pl.LightningModule, batches) -> None:
         """`labeler` predicts every image in `batches` on every rank; the gathered predictions go into the store."""
         with trainer.precision_plugin.forward_context():
@@ -131,7 +117,7 @@ class PseudoLabelRefresh(pl.Callback):
         # The labeler's own softmax, never a calibration temperature: thresholds and soft targets mean the same in
         # every mode. A calibrated teacher (T = 3-4 at 5% TrashNet labels) passed only 16% of its labels at 0.95.
         probabilities = logits.softmax(dim=1)
-        indices, probabilities = self._gather(trainer.lightning_module, indices, probabilities)
+        indices, probabilities = gather_shards(trainer.lightning_module, indices, probabilities)
         self._record(trainer, indices, probabilities)
 
     def _record(self, trainer: pl.Trainer, indices: torch.Tensor, probabilities: torch.Tensor) -> None:
@@ -180,7 +166,9 @@ class PseudoLabelRefresh(pl.Callback):
     def _teacher_probabilities(self, trainer: pl.Trainer, teacher: pl.LightningModule, path: str) -> torch.Tensor:
         """One teacher's flip-averaged probabilities for every pseudolabel image: from the cache, or each rank a shard."""
         key = labels_key(teacher, self.paths)
-        cached = self.cache.load(key, len(self.paths)) if self.cache is not None else None
+        # Rank 0 reads and broadcasts: ranks whose disks differ (nodes without a shared one) still take one path.
+        cached = self.cache.load(key, len(self.paths)) if self.cache is not None and trainer.is_global_zero else None
+        cached = trainer.strategy.broadcast(cached, src=0)
         if cached is not None:
             if trainer.is_global_zero:
                 log.info("labels of %s read from %s", path, self.cache.path(key))
@@ -190,7 +178,7 @@ class PseudoLabelRefresh(pl.Callback):
                                                                 view=teacher.eval_view())
         with trainer.precision_plugin.forward_context():
             indices, probabilities = flip_averaged_probabilities(teacher, loader)
-        indices, probabilities = self._gather(trainer.lightning_module, indices, probabilities)
+        indices, probabilities = gather_shards(trainer.lightning_module, indices, probabilities)
         ordered = torch.zeros(len(self.paths), len(self.classes))
         ordered[indices] = probabilities
         if trainer.is_global_zero and self.cache is not None:
@@ -254,7 +242,8 @@ class PseudoLabelRefresh(pl.Callback):
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
 
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Not on_train_end: a linear student trains no epoch, and its labels are worth a look all the same.
         if trainer.is_global_zero and self.output_csv is not None:
             self.store.to_frame(self.paths, self.classes).to_csv(self.output_csv, index=False)
             log.info("pseudo-labels written to %s", self.output_csv)

@@ -19,7 +19,6 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from detect_waste_cls.errors import UserInputError
 from detect_waste_cls.export import load_model
 from detect_waste_cls.models.classifier import LitterClassifier
 
@@ -30,14 +29,7 @@ TEACHER_LABELS_DIR = "teacher-labels"  # beside the run folders: <runs>/teacher-
 
 def load_teachers(paths: Sequence[str], classes: Sequence[str]) -> list[LitterClassifier]:
     """Checkpoints or exported folders, each checked to know the data's classes in the data's order."""
-    teachers = []
-    for path in paths:
-        teacher = load_model(path)
-        if teacher.classes != list(classes):
-            raise UserInputError(f"--pseudo-teacher {path} was trained on classes {teacher.classes}, "
-                                 f"but the data has {list(classes)}")
-        teachers.append(teacher)
-    return teachers
+    return [load_model(path, classes) for path in paths]
 
 
 def labels_key(teacher: LitterClassifier, paths: Sequence[Path]) -> str:

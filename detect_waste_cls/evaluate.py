@@ -128,8 +128,10 @@ def evaluate_ensemble(
 ) -> dict:
     """Score the mean of several models' probabilities, each model over the image and its flip at its own size:
     the labels an ensemble of teachers gives (pseudo/teachers.py), measured on a labeled folder."""
-    classes = load_model(model_paths[0]).classes
-    models = [load_model(path, classes, classes_of=str(model_paths[0])).to(device) for path in model_paths]
+    first = load_model(model_paths[0])
+    classes = first.classes
+    others = [load_model(path, classes, classes_of=str(model_paths[0])) for path in model_paths[1:]]
+    models = [model.to(device) for model in (first, *others)]
     paths, targets, skipped = _test_images(folder, classes)
     probabilities = torch.stack([path_probabilities_with_flip(model, paths, batch_size=batch_size,
                                                               num_workers=num_workers) for model in models]).mean(0)

@@ -147,8 +147,9 @@ def test_a_linear_student_is_the_probe_fitted_to_its_teachers_labels_as_well(tmp
     assert distilled.test_metrics["accuracy"] is not None
     # No epoch, but the teacher's labels are written, as a fine-tuned student writes them.
     labels = pd.read_csv(distilled.rounds[-1].run_dir / "pseudo_labels.csv")
-    teacher_probabilities = path_probabilities_with_flip(load_classifier(teacher), [Path(p) for p in labels.path])
-    classes = load_classifier(teacher).classes
+    teacher_model = load_classifier(teacher)
+    teacher_probabilities = path_probabilities_with_flip(teacher_model, [Path(p) for p in labels.path])
+    classes = teacher_model.classes
     assert labels.label.tolist() == [classes[i] for i in teacher_probabilities.argmax(dim=1).tolist()]
     assert labels.confidence.to_numpy() == pytest.approx(teacher_probabilities.max(dim=1).values.numpy(), abs=1e-5)
 

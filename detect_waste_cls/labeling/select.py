@@ -11,6 +11,7 @@ embeddings.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,8 +57,8 @@ def embed(model: LitterClassifier, paths: list[Path], *, batch_size: int, num_wo
     return Embedded(paths, outputs.probabilities[order].numpy(), outputs.features[order].numpy())
 
 
-def load_one_model(path: Path) -> LitterClassifier:
-    """A .ckpt file, an exported folder or a run folder (its final checkpoint)."""
+def load_one_model(path: Path, classes: Sequence[str], classes_of: str) -> LitterClassifier:
+    """A .ckpt file, an exported folder or a run folder (its final checkpoint), checked to know `classes`."""
     from detect_waste_cls.app import find_models  # the same rules the app uses to find a run's model
     from detect_waste_cls.export import load_model
 
@@ -65,7 +66,7 @@ def load_one_model(path: Path) -> LitterClassifier:
     if len(choices) > 1:
         raise UserInputError(f"{path} holds {len(choices)} models ({', '.join(c.label for c in choices[:3])}, ...): "
                              "give one run folder, checkpoint or exported folder")
-    return load_model(choices[0].path)
+    return load_model(choices[0].path, classes, classes_of)
 
 
 def _rows(embedded: Embedded, order: np.ndarray, scores: np.ndarray, classes: list[str], source: str,
@@ -140,11 +141,9 @@ def select_images(model: str | Path, data: str | Path, out: str | Path, *, budge
     if budget < 1:
         raise UserInputError(f"--budget must be at least 1, not {budget}")
     root = resolve_images_square(data)
-    classifier = load_one_model(Path(model))
     train = scan_labeled_folder(root / "train")
     classes = train.classes
-    if classes != classifier.classes:
-        raise UserInputError(f"{model} was trained on classes {classifier.classes}, but {root / 'train'} has {classes}")
+    classifier = load_one_model(Path(model), classes, classes_of=str(root / "train"))
     pseudolabel = root / "pseudolabel"
     if not pseudolabel.is_dir():
         raise UserInputError(f"no unlabeled images to select from: {pseudolabel} is missing")

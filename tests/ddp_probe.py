@@ -1,6 +1,7 @@
-"""Runs one training with the CLI's arguments and saves every rank's pseudo-label store and starting head.
+"""Runs one training with the CLI's arguments and saves every rank's pseudo-label store and starting head,
+and the teacher-labeled rows rank 0 fits a distilled probe to.
 
-Used by test_pseudo.py: `python tests/ddp_probe.py DUMP_DIR <train arguments>`. DDP re-runs this
+Used by the DDP tests: `python tests/ddp_probe.py DUMP_DIR <train arguments>`. DDP re-runs this
 script for the second rank, so both ranks get the dumping callback.
 """
 
@@ -12,6 +13,7 @@ import lightning.pytorch as pl
 import torch
 
 from detect_waste_cls.cli import build_parser, config_from_args
+from detect_waste_cls.models import probe
 from detect_waste_cls.pseudo.callbacks import PseudoLabelRefresh
 from detect_waste_cls.train import train
 
@@ -33,9 +35,19 @@ class DumpStores(pl.Callback):
         self._dump(trainer, "end")
 
 
+def recording_soft_rows(fit_probe, folder: Path):
+    """fit_probe as it is, saving the soft rows it was given (only rank 0 fits)."""
+    def fit(*args, soft=None, **kwargs):
+        if soft is not None:
+            torch.save({"features": soft.features, "probabilities": soft.probabilities}, folder / "soft_rows.pt")
+        return fit_probe(*args, soft=soft, **kwargs)
+    return fit
+
+
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)  # as the CLI: the probe says what it was fitted to
     dump_dir = Path(sys.argv[1])
     dump_dir.mkdir(parents=True, exist_ok=True)
+    probe.fit_probe = recording_soft_rows(probe.fit_probe, dump_dir)
     args = build_parser().parse_args(sys.argv[2:])
     train(config_from_args(args, "simple-cnn"), callbacks=[DumpStores(dump_dir)])

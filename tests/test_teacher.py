@@ -155,23 +155,42 @@ def test_a_linear_student_is_the_probe_fitted_to_its_teachers_labels_as_well(tmp
 
 
 def test_under_ddp_every_rank_starts_from_one_distilled_probe_and_the_ensembles_labels_labeled_in_shards(tmp_path):
+    """Teachers label in shards and the student extracts its features in shards; a second student reads the cache."""
     data = make_tree(tmp_path / "data", {"train": {n: 8 for n in COLOURS}, "test": {n: 2 for n in COLOURS}}, pseudo=15)
     small = train(tiny_config(data, tmp_path / "small", optim={"epochs": 1})).final_checkpoint
     other = train(tiny_config(data, tmp_path / "other", model={"name": "resnet18"}, data={"image_size": 40},
                               optim={"epochs": 1})).final_checkpoint
     dumps = tmp_path / "dumps"
-    args = train_args(data, tmp_path / "runs" / "student", "--devices", "2", "--model", "efficientnet-lite0",
-                      "--pseudo-teacher", str(small), str(other), "--pseudo-threshold", "0",
-                      "--pseudo-distill-probe")
-    args[args.index("--epochs") + 1] = "1"
-    ran = subprocess.run([PYTHON, str(REPO_ROOT / "tests" / "ddp_probe.py"), str(dumps), *args], check=True,
-                         cwd=REPO_ROOT, timeout=300, capture_output=True, text=True)
-    assert "refitted with 15 teacher-labeled images" in ran.stdout + ran.stderr
+
+    def run_student(devices: str, dump_dir: Path, out: Path) -> str:
+        args = train_args(data, out, "--devices", devices, "--model", "efficientnet-lite0",
+                          "--pseudo-teacher", str(small), str(other), "--pseudo-threshold", "0",
+                          "--pseudo-distill-probe")
+        args[args.index("--epochs") + 1] = "1"
+        ran = subprocess.run([PYTHON, str(REPO_ROOT / "tests" / "ddp_probe.py"), str(dump_dir), *args], check=True,
+                             cwd=REPO_ROOT, timeout=300, capture_output=True, text=True)
+        return ran.stdout + ran.stderr
+
+    assert "refitted with 15 teacher-labeled images" in run_student("2", dumps, tmp_path / "runs" / "student")
     heads = [torch.load(dumps / f"head_rank{rank}.pt", weights_only=True) for rank in (0, 1)]
     assert all(torch.equal(heads[0][k], heads[1][k]) for k in heads[0])  # rank 0's probe, broadcast
+    # Each rank extracted the student's features for its shard; gathered, they are the rows one process extracts.
+    # A lost or misplaced shard would leave rows of the probe's feature matrix unset or swapped.
+    run_student("1", tmp_path / "dumps-1-device", tmp_path / "runs-1-device" / "student")
+    sharded, whole = (torch.load(d / "soft_rows.pt", weights_only=True) for d in (dumps, tmp_path / "dumps-1-device"))
+    assert torch.allclose(sharded["features"], whole["features"], atol=1e-4)
+    assert torch.allclose(sharded["probabilities"], whole["probabilities"], atol=1e-5)
     stores = [torch.load(dumps / f"end_rank{rank}.pt", weights_only=True) for rank in (0, 1)]
     assert torch.equal(stores[0]["probabilities"], stores[1]["probabilities"])
     paths = [Path(p) for p in pd.read_csv(tmp_path / "runs" / "student" / "round-1" / "pseudo_labels.csv").path]
     expected = torch.stack([path_probabilities_with_flip(load_classifier(t), paths) for t in (small, other)]).mean(0)
     assert torch.allclose(stores[0]["probabilities"], expected, atol=1e-5)  # each rank labeled half; all gathered
-    assert len(list((tmp_path / "runs" / TEACHER_LABELS_DIR).glob("*.safetensors"))) == 2
+    cached = sorted((tmp_path / "runs" / TEACHER_LABELS_DIR).glob("*.safetensors"))
+    assert len(cached) == 2
+    # A second DDP student of the same teachers reads their cached labels: rank 0 reads, every rank gets them.
+    planted = torch.nn.functional.one_hot(torch.zeros(len(paths), dtype=torch.long), len(COLOURS)).float()
+    for path in cached:
+        save_file({"probabilities": planted}, path)
+    run_student("2", tmp_path / "dumps-cached", tmp_path / "runs" / "second-student")
+    again = [torch.load(tmp_path / "dumps-cached" / f"end_rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+    assert all(torch.equal(store["probabilities"], planted) for store in again)

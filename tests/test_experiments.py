@@ -12,6 +12,7 @@ from detect_waste_cls import TrainConfig
 from experiments import reproduce
 
 PAPER_ROWS = sorted(p.stem for p in (REPO_ROOT / "experiments/configs/paper").glob("*.json") if p.stem != "profiles")
+STUDY_TABLES = sorted(p.parent.name for p in (REPO_ROOT / "experiments/configs").glob("*/profiles.json"))
 
 
 def test_paper_table_has_one_config_per_original_row():
@@ -143,9 +144,6 @@ def test_rows_are_compared_with_the_baseline_trained_on_the_same_seed():
     assert difference["Δ balanced ACC"] == "+0.0000 ± 0.0000"
     assert difference["Δ macro-F1"] == "+0.1000 ± 0.0000"
     assert difference["ACC better on"] == "1 of 2 seeds"
-
-
-STUDY_TABLES = sorted(p.parent.name for p in (REPO_ROOT / "experiments/configs").glob("*/profiles.json"))
 
 
 @pytest.mark.parametrize("table", STUDY_TABLES)

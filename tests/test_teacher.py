@@ -187,7 +187,8 @@ def test_under_ddp_every_rank_starts_from_one_distilled_probe_and_the_ensembles_
     assert torch.allclose(stores[0]["probabilities"], expected, atol=1e-5)  # each rank labeled half; all gathered
     cached = sorted((tmp_path / "runs" / TEACHER_LABELS_DIR).glob("*.safetensors"))
     assert len(cached) == 2
-    # A second DDP student of the same teachers reads their cached labels: rank 0 reads, every rank gets them.
+    # A second DDP student of the same teachers reads their cached labels instead of running the teachers, on every
+    # rank (on one disk this cannot tell rank 0's broadcast from each rank reading the file itself).
     planted = torch.nn.functional.one_hot(torch.zeros(len(paths), dtype=torch.long), len(COLOURS)).float()
     for path in cached:
         save_file({"probabilities": planted}, path)

@@ -1,15 +1,18 @@
-"""The results-table runner on its smoke profile, and the analysis notebook on its output."""
+"""The results-table runner on its smoke profile, the analysis notebook on its output, and the teachers' label quality."""
 
 import json
 
 import nbformat
 import pandas as pd
 import pytest
+import torch
 from nbclient import NotebookClient
 
 from conftest import COLOURS, REPO_ROOT, make_tree, recorded_run
-from detect_waste_cls import TrainConfig
-from experiments import reproduce
+from detect_waste_cls import TrainConfig, train
+from detect_waste_cls.models.classifier import load_classifier
+from detect_waste_cls.predict import path_probabilities_with_flip
+from experiments import label_quality, reproduce
 
 PAPER_ROWS = sorted(p.stem for p in (REPO_ROOT / "experiments/configs/paper").glob("*.json") if p.stem != "profiles")
 STUDY_TABLES = sorted(p.parent.name for p in (REPO_ROOT / "experiments/configs").glob("*/profiles.json"))
@@ -171,3 +174,28 @@ def test_a_teacher_row_gets_one_table_row_per_round(tmp_path, monkeypatch):
     assert results.row.tolist() == ["supervised", "teacher/round-0", "teacher/round-1"]
     assert results.pseudolabeling.tolist() == ["none", "none", "teacher"]
     assert "teacher/round-1" in (tmp_path / "r" / "table.md").read_text().split("paired by seed")[1]
+
+
+def test_label_quality_scores_each_teachers_flip_averaged_labels_and_their_mean_against_the_folders(tmp_path):
+    data = make_tree(tmp_path / "data", {"train": {n: 6 for n in COLOURS}, "test": {n: 2 for n in COLOURS}},
+                     pseudo=12, pseudo_subfolders=True)
+    run = tmp_path / "runs" / "run"
+    train(TrainConfig().replace(
+        data={"root": str(data), "image_size": 32, "batch_size": 8, "num_workers": 0}, model={"name": "simple-cnn"},
+        optim={"epochs": 1}, run={"out": str(run), "accelerator": "cpu", "progress_bar": False},
+        pseudo={"mode": "teacher", "teacher_models": ["simple-cnn", "resnet18"], "teacher_finetune": "linear",
+                "targets": "soft", "threshold": 0.0}))
+    rows = label_quality.label_quality(data, [run], temperature=2.0).set_index("teacher")
+    assert rows.index.tolist() == ["resnet18", "simple-cnn", "ensemble"]
+
+    paths = sorted((data / "images_square" / "pseudolabel").glob("*/*.png"))
+    teachers = {name: load_classifier(run / f"round-0-{name}" / "checkpoints" / "last.ckpt") for name in rows.index[:2]}
+    classes = teachers["simple-cnn"].classes
+    truth = torch.tensor([classes.index(path.parent.name) for path in paths])
+    probabilities = {name: path_probabilities_with_flip(teacher, paths) for name, teacher in teachers.items()}
+    probabilities["ensemble"] = (probabilities["resnet18"] + probabilities["simple-cnn"]) / 2
+    for name, p in probabilities.items():
+        seen = p.sqrt() / p.sqrt().sum(1, keepdim=True)  # what a student distilling at temperature 2 learns
+        assert rows.loc[name, "right ≥ 0.0"] == pytest.approx(float((p.argmax(1) == truth).float().mean()))
+        assert rows.loc[name, "share ≥ 0.5"] == pytest.approx(float((seen.max(1).values >= 0.5).float().mean()))
+        assert rows.loc[name, "NLL"] == pytest.approx(float(-seen[torch.arange(len(truth)), truth].log().mean()), rel=1e-4)

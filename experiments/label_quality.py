@@ -84,8 +84,8 @@ def summarize(rows: pd.DataFrame) -> pd.DataFrame:
     for column in rows.columns.drop(["teacher", "run"]):
         scale, digits = (1, 3) if column == "NLL" else (100, 1)
         grouped = (rows[column] * scale).groupby(rows.teacher, sort=False)
-        cells[column] = [f"{mean:.{digits}f}" + ("" if pd.isna(std) else f" ± {std:.{digits}f}")
-                         for mean, std in zip(grouped.mean(), grouped.std())]
+        cells[column] = ["–" if pd.isna(mean) else f"{mean:.{digits}f}" + ("" if pd.isna(std) else f" ± {std:.{digits}f}")
+                         for mean, std in zip(grouped.mean(), grouped.std())]  # –: no label that confident
     return pd.DataFrame(cells, index=grouped.mean().index).reset_index()
 
 

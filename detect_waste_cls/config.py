@@ -265,6 +265,11 @@ class RunConfig(_Section):
         help=f"after training, fit a temperature on the validation split so that confidences are probabilities, "
              f"when it holds at least {MIN_CALIBRATION_IMAGES} images (fewer keep temperature 1, and the report says "
              "so); test, predict, export and the app use it (--no-calibrate: temperature 1)")
+    cache_dir: str | None = option(
+        None, "--cache-dir",
+        help="folder for what later runs can reuse instead of computing again: teacher mode keeps each teacher's "
+             "labels of the pseudolabel split in DIR/teacher-labels/; give a study's runs one DIR so students of the "
+             "same teachers share them (default: inside the run folder)")
     resume: str | None = option(
         None, "--resume",
         help=f"{RESUME_AUTO}: continue the run in --out where its last completed epoch left it, in the same folder "

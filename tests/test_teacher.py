@@ -19,7 +19,7 @@ from detect_waste_cls.errors import UserInputError
 from detect_waste_cls.models.classifier import load_classifier
 from detect_waste_cls.models.ema import EMATeacher
 from detect_waste_cls.predict import path_probabilities_with_flip
-from detect_waste_cls.pseudo.teachers import TEACHER_LABELS_DIR
+from detect_waste_cls.run_folder import TEACHER_LABELS_DIR
 
 
 def tiny_config(root, out, **sections) -> TrainConfig:
@@ -89,13 +89,15 @@ def test_an_ensemble_labels_with_the_mean_of_each_teachers_flip_averaged_probabi
     lite = train(tiny_config(tiny_tree, tmp_path / "lite", model={"name": "efficientnet-lite0"},
                              data={"image_size": 48}, optim={"epochs": 1})).final_checkpoint
     teachers = (str(small), str(lite))
-    student = train(tiny_config(tiny_tree, tmp_path / "runs" / "a",
+    cache = {"cache_dir": str(tmp_path / "cache")}  # a study's rows share one
+    student = train(tiny_config(tiny_tree, tmp_path / "runs" / "a", run=cache,
                                 pseudo={"teacher": teachers, "targets": "soft", "threshold": 0.0}))
     labels = pd.read_csv(student.run_dir / "round-1" / "pseudo_labels.csv")
     paths = [Path(p) for p in labels.path]
     expected = torch.stack([path_probabilities_with_flip(load_classifier(t), paths) for t in teachers]).mean(0)
-    cached = sorted((tmp_path / "runs" / TEACHER_LABELS_DIR).glob("*.safetensors"))  # one entry per teacher
+    cached = sorted((tmp_path / "cache" / TEACHER_LABELS_DIR).glob("*.safetensors"))  # one entry per teacher
     assert len(cached) == 2
+    assert [path.name for path in (tmp_path / "runs").iterdir()] == ["a"]
     assert torch.allclose(sum(load_file(path)["probabilities"] for path in cached) / 2, expected, atol=1e-5)
     assert labels.confidence.to_numpy() == pytest.approx(expected.max(1).values.numpy(), abs=1e-5)
     classes = load_classifier(small).classes
@@ -103,7 +105,8 @@ def test_an_ensemble_labels_with_the_mean_of_each_teachers_flip_averaged_probabi
     # A second student of the same teachers on the same images reads the cached labels instead of labeling again.
     for path in cached:
         save_file({"probabilities": torch.eye(len(classes))[[0] * len(paths)]}, path)
-    again = train(tiny_config(tiny_tree, tmp_path / "runs" / "b", pseudo={"teacher": teachers, "threshold": 0.0}))
+    again = train(tiny_config(tiny_tree, tmp_path / "runs" / "b", run=cache,
+                              pseudo={"teacher": teachers, "threshold": 0.0}))
     assert set(pd.read_csv(again.run_dir / "round-1" / "pseudo_labels.csv").label) == {classes[0]}
 
 
@@ -112,6 +115,9 @@ def test_round_0_trains_a_teacher_per_model_and_scores_their_ensemble(tmp_path, 
         "mode": "teacher", "teacher_models": ["simple-cnn", "resnet18"], "teacher_finetune": "linear",
         "targets": "soft", "threshold": 0.0})
     result = train(config)
+    # The teachers' labels are cached inside the run folder: nothing is written beside --out.
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["data", "run"]
+    assert len(list((tmp_path / "run" / TEACHER_LABELS_DIR).glob("*.safetensors"))) == 2
     rounds = pd.read_csv(tmp_path / "run" / "rounds.csv")
     assert rounds["round"].tolist() == ["round-0-simple-cnn", "round-0-resnet18", "ensemble", "round-1"]
     assert rounds.model.tolist() == ["simple-cnn", "resnet18", "ensemble", "simple-cnn"]
@@ -179,6 +185,7 @@ def test_under_ddp_every_rank_starts_from_one_distilled_probe_and_the_ensembles_
 
     def run_student(devices: str, dump_dir: Path, out: Path) -> str:
         args = train_args(data, out, "--devices", devices, "--model", "efficientnet-lite0",
+                          "--cache-dir", str(out.parent),
                           "--pseudo-teacher", str(small), str(other), "--pseudo-threshold", "0",
                           "--pseudo-distill-probe")
         args[args.index("--epochs") + 1] = "1"

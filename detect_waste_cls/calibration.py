@@ -14,7 +14,9 @@ from torchmetrics.functional.classification import multiclass_calibration_error
 
 from detect_waste_cls.config import MIN_CALIBRATION_IMAGES
 from detect_waste_cls.models.backbones import load_torch_file
-from detect_waste_cls.models.classifier import CALIBRATION_KEY, describe_calibration, load_classifier, temperature_scaled
+from detect_waste_cls.models.classifier import (
+    CALIBRATION_KEY, describe_calibration, load_classifier, temperature_scaled,
+)
 
 log = logging.getLogger(__name__)
 

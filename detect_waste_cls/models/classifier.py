@@ -248,7 +248,7 @@ def describe_calibration(record: dict) -> str:
     """A calibration record in words (the run's log and report, the model card and the app say the same): the
     temperature and the validation images it was fitted on, or why it is 1."""
     temperature = record.get("temperature", 1.0)
-    if record.get("fitted", temperature != 1.0):  # records from before the minimum were all fitted
+    if record.get("fitted", temperature != 1.0):  # older records have no flag: a temperature other than 1 was fitted
         images = f"{record['images']} validation images" if "images" in record else "a validation split"
         return f"calibrated by temperature scaling: T = {temperature:.3f}, fitted on {images}"
     if "images" in record:

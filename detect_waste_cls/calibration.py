@@ -12,8 +12,11 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from torchmetrics.functional.classification import multiclass_calibration_error
 
+from detect_waste_cls.config import MIN_CALIBRATION_IMAGES
 from detect_waste_cls.models.backbones import load_torch_file
-from detect_waste_cls.models.classifier import CALIBRATION_KEY, load_classifier, temperature_scaled
+from detect_waste_cls.models.classifier import (
+    CALIBRATION_KEY, describe_calibration, load_classifier, temperature_scaled,
+)
 
 log = logging.getLogger(__name__)
 
@@ -68,17 +71,27 @@ def calibration_summary(logits: torch.Tensor, targets: torch.Tensor, temperature
 def calibrate_checkpoint(checkpoint: str | Path, loader: DataLoader, targets: torch.Tensor,
                          device: str | torch.device = "cpu") -> dict[str, float]:
     """Fit the temperature on `loader` (eval view of labeled images whose classes are `targets`, by dataset index)
-    and write it into the checkpoint file, atomically; returns the fit's summary on those images."""
+    and write it into the checkpoint file, atomically; returns the fit's summary on those images.
+
+    Fewer than MIN_CALIBRATION_IMAGES images keep temperature 1: a temperature fitted on a handful can make the
+    confidences worse. The record says how many images there were and whether the temperature was fitted.
+    """
     checkpoint = Path(checkpoint)
     model = load_classifier(checkpoint).to(device)
     logits, indices = model.predict_logits(loader)
     targets = torch.as_tensor(targets)[indices]
-    summary = {**calibration_summary(logits, targets, fit_temperature(logits, targets)), "images": len(targets)}
+    fitted = len(targets) >= MIN_CALIBRATION_IMAGES
+    temperature = fit_temperature(logits, targets) if fitted else 1.0
+    summary = {**calibration_summary(logits, targets, temperature), "images": len(targets), "fitted": fitted}
     contents = load_torch_file(checkpoint, "checkpoint")
     contents[CALIBRATION_KEY] = summary
     partial = checkpoint.with_name(checkpoint.name + ".partial")
     torch.save(contents, partial)
     os.replace(partial, checkpoint)  # a crash leaves the old file whole, never half of the new one
-    log.info("calibration: temperature %.3f fitted on %d validation images (ECE %.4f -> %.4f)",
-             summary["temperature"], summary["images"], summary["ece_uncalibrated"], summary["ece"])
+    if fitted:
+        log.info("calibration: %s (validation ECE %.4f -> %.4f)", describe_calibration(summary),
+                 summary["ece_uncalibrated"], summary["ece"])
+    else:
+        log.warning("calibration: %s; a larger --val-split or an images_square/val folder gives one",
+                    describe_calibration(summary))
     return summary

@@ -18,7 +18,7 @@ from torchmetrics.functional.classification import (
 from detect_waste_cls.calibration import ECE_BINS, calibration_summary
 from detect_waste_cls.data.images import keep_decodable, resolve_test_folder, scan_labeled_folder
 from detect_waste_cls.export import load_model
-from detect_waste_cls.models.classifier import temperature_scaled
+from detect_waste_cls.models.classifier import describe_calibration, temperature_scaled
 from detect_waste_cls.plots import plot_confusion, plot_reliability
 from detect_waste_cls.predict import path_logits, path_probabilities_with_flip
 
@@ -60,26 +60,30 @@ def format_report(metrics: dict) -> str:
         f"accuracy {metrics['accuracy']:.4f}   balanced accuracy {metrics['balanced_accuracy']:.4f}   "
         f"macro F1 {metrics['macro_f1']:.4f}   ({metrics['num_images']} images)\n"
         f"ECE {metrics['ece']:.4f} at temperature {metrics['temperature']:.3f} ({metrics['ece_uncalibrated']:.4f} at 1)"
+        f"\nconfidences {metrics['calibration']}"
     )
     return table.to_string(float_format=lambda v: f"{v:.4f}") + "\n\n" + summary + "\n"
 
 
 def write_evaluation(
     out_dir: Path, paths: Sequence[Path], targets: torch.Tensor, logits: torch.Tensor, classes: Sequence[str],
-    *, temperature: float = 1.0, skipped: Sequence[Path] = (),
+    *, calibration: dict | None = None, skipped: Sequence[Path] = (),
 ) -> dict:
     """Write metrics.json, classification_report.txt, confusion_matrix.png, reliability_diagram.png and
-    predictions.csv into out_dir. Confidences are calibrated with `temperature`; metrics.json has the ECE
-    with it and without it.
+    predictions.csv into out_dir. Confidences are calibrated with the temperature of the model's `calibration`
+    record (none: 1); metrics.json has the ECE with it and without it, and says where the temperature came from.
 
     `skipped`: images of the folder that could not be read and are not in the metrics.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
+    calibration = calibration or {}
+    temperature = calibration.get("temperature", 1.0)
     probabilities = temperature_scaled(logits, temperature)
     confidence, predictions = probabilities.max(dim=1)
     metrics = {
         **compute_metrics(targets, predictions, classes),
         **calibration_summary(logits, targets, temperature),
+        "calibration": describe_calibration(calibration),
         "skipped_images": [str(path) for path in skipped],
     }
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -118,7 +122,7 @@ def evaluate_folder(
     model = load_model(model_path).to(device)
     paths, targets, skipped = _test_images(folder, model.classes)
     logits = path_logits(model, paths, batch_size=batch_size, num_workers=num_workers)
-    return write_evaluation(Path(out_dir), paths, targets, logits, model.classes, temperature=model.temperature,
+    return write_evaluation(Path(out_dir), paths, targets, logits, model.classes, calibration=model.calibration,
                             skipped=skipped)
 
 

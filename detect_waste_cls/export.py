@@ -17,7 +17,7 @@ from detect_waste_cls import __version__
 from detect_waste_cls.config import ModelConfig
 from detect_waste_cls.errors import UserInputError, check_new_folder
 from detect_waste_cls.models.backbones import in_our_names
-from detect_waste_cls.models.classifier import LitterClassifier, load_classifier
+from detect_waste_cls.models.classifier import LitterClassifier, describe_calibration, load_classifier
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,8 @@ def load_pretrained(folder: str | Path) -> LitterClassifier:
         raise UserInputError(f"{folder / CONFIG_FILE} is not a detect-waste-cls model config: {error!r}") from None
     weights = in_our_names(config["model"], load_file(folder / WEIGHTS_FILE), model.model)  # older exports too
     model.model.load_state_dict(weights)
-    model.temperature = float(config.get("temperature", 1.0))
+    # Folders exported before the calibration record have only the temperature.
+    model.calibration = config.get("calibration") or {"temperature": float(config.get("temperature", 1.0))}
     return model.eval()
 
 
@@ -98,6 +99,7 @@ def export_model(checkpoint: str | Path, out: str | Path, *, onnx: bool = False,
         "image_size": model.image_size,
         "normalization": {"mean": list(model.normalization[0]), "std": list(model.normalization[1])},
         "temperature": model.temperature,
+        "calibration": model.calibration,  # the validation images the temperature was fitted on, or why it is 1
         "input": "RGB, resized to image_size x image_size, scaled to [0, 1], then (x - mean) / std",
         "onnx_output": "logits already divided by temperature: softmax gives calibrated probabilities",
     }
@@ -187,7 +189,7 @@ def model_card(config: dict, metrics: dict | None, training: dict | None, timm_n
         f"Classifies a photo of one waste object into one of {len(config['classes'])} classes: {classes}.",
         f"Input: RGB, {config['image_size']} x {config['image_size']} px, normalized with mean "
         f"{config['normalization']['mean']} and std {config['normalization']['std']}. "
-        f"Confidences are calibrated by temperature scaling (T = {config['temperature']:.3f}).",
+        f"Confidences are {describe_calibration(config['calibration'])}.",
         "",
         "## Use",
         "```python",

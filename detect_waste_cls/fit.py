@@ -36,7 +36,8 @@ from detect_waste_cls.tracking import NeptuneLogger, build_loggers, log_evaluati
 log = logging.getLogger(__name__)
 
 # What may differ between a run's command and the one that continues it with --resume auto.
-RESUME_FREE_FIELDS = {"resume", "out", "progress_bar", "compile", "channels_last"}  # the last two only change speed
+# compile and channels_last only change speed; cache_dir only where reusable results are kept.
+RESUME_FREE_FIELDS = {"resume", "out", "progress_bar", "compile", "channels_last", "cache_dir"}
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ round's teachers, and its final model teaches the next round.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,9 +20,11 @@ from detect_waste_cls.data.images import resolve_images_square
 from detect_waste_cls.errors import UserInputError
 from detect_waste_cls.evaluate import evaluate_ensemble
 from detect_waste_cls.fit import RunResult, fit_and_test
-from detect_waste_cls.pseudo.teachers import TEACHER_LABELS_DIR, TeacherLabelCache
+from detect_waste_cls.pseudo.teachers import TeacherLabelCache
 from detect_waste_cls.resolve import resolve_config, trains_on_gpu
-from detect_waste_cls.run_folder import create_run_dir, shared_run_dir, write_config
+from detect_waste_cls.run_folder import create_run_dir, shared_run_dir, teacher_labels_dir, write_config
+
+log = logging.getLogger(__name__)
 
 ROUNDS_TABLE = "rounds.csv"
 ENSEMBLE = "ensemble"  # the rounds.csv line (and round-0-ensemble/ folder) of the teachers' mean prediction
@@ -50,8 +53,9 @@ def train_rounds(config: TrainConfig, callbacks: Sequence[pl.Callback] = ()) -> 
     Rounds live in <run>/round-<k>/, each a complete run folder with its own config.json; <run>/rounds.csv gets a
     line per finished run (with several teachers, also the line of their ensemble).
 
-    Teacher labels are cached in <run's parent>/teacher-labels/, so students of the same teachers on the
-    same images (other rows of a study) read them instead of running the teachers again.
+    Teacher labels are cached in <run>/teacher-labels/, or <--cache-dir>/teacher-labels/: students of the same
+    teachers on the same images (other rows of a study, given one --cache-dir) read them instead of running the
+    teachers again.
     """
     resolved = resolve_config(config)
     pseudo = resolved.pseudo
@@ -61,8 +65,11 @@ def train_rounds(config: TrainConfig, callbacks: Sequence[pl.Callback] = ()) -> 
     if config.run.resume and (pseudo.teacher is None or pseudo.rounds > 1):
         raise UserInputError("--resume continues a single run: resume a student round with --pseudo-teacher "
                              "<its teachers> --pseudo-rounds 1 --resume <its last.ckpt>")
+    # Every teacher resolved (its weights found) before the run folder exists: a missing one stops the run here.
+    round_0 = teacher_configs(config) if pseudo.teacher is None else {}
     top = create_run_dir(config.run.out, config.model.name, num_nodes=config.run.num_nodes)
-    cache = TeacherLabelCache(top.resolve().parent / TEACHER_LABELS_DIR)
+    cache = TeacherLabelCache(teacher_labels_dir(top, config.run.cache_dir))
+    log.info("teacher labels are cached in %s", cache.folder)
     first_process = rank_zero_only.rank == 0  # no Trainer yet to ask; DDP's extra ranks have RANK set
     if first_process:
         write_config(top / "config.json", resolved)  # replays every round; each round's own config is in its folder
@@ -71,8 +78,7 @@ def train_rounds(config: TrainConfig, callbacks: Sequence[pl.Callback] = ()) -> 
     teachers = pseudo.teacher
     with shared_run_dir(top):
         if teachers is None:
-            trained = [fit_and_test(round_config, callbacks, top / folder)
-                       for folder, round_config in teacher_configs(config).items()]
+            trained = [fit_and_test(round_config, callbacks, top / folder) for folder, round_config in round_0.items()]
             results += trained
             table += [_line(result) for result in trained]
             teachers = tuple(str(result.final_checkpoint) for result in trained)

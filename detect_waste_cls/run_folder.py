@@ -20,6 +20,7 @@ from detect_waste_cls.models.backbones import load_torch_file
 
 LAST_CHECKPOINT = "last"  # checkpoints/last.ckpt: the end of the latest epoch, for --resume
 SKIPPED_FILES = "skipped_files.txt"  # every unreadable file of the run: at scan, in training, at evaluation
+TEACHER_LABELS_DIR = "teacher-labels"  # <run or --cache-dir>/teacher-labels/<key>.safetensors
 
 # Set while a run trains: DDP's extra ranks read their run folder from it (see shared_run_dir).
 RUN_DIR_ENV = "DETECT_WASTE_CLS_RUN_DIR"
@@ -27,6 +28,11 @@ RUN_DIR_ENV = "DETECT_WASTE_CLS_RUN_DIR"
 
 def last_checkpoint(run_dir: Path) -> Path:
     return run_dir / "checkpoints" / f"{LAST_CHECKPOINT}.ckpt"
+
+
+def teacher_labels_dir(run_dir: Path, cache_dir: str | Path | None) -> Path:
+    """Where a teacher-mode run caches its teachers' labels: under --cache-dir, else inside its own folder."""
+    return Path(cache_dir if cache_dir is not None else run_dir) / TEACHER_LABELS_DIR
 
 
 def create_run_dir(out: str | Path | None, name: str, *, num_nodes: int = 1) -> Path:

@@ -3,8 +3,8 @@
     python -m experiments.label_quality --data TREE RUN [RUN ...] [--temperature T] [--out label_quality.md]
 
 Each RUN is a teacher-mode run folder whose round 0 trained the teachers (round-0*/). Their labels
-are read from the study's teacher-label cache (<RUN>/../teacher-labels/) when a student made them,
-else predicted here. The truth is the pseudolabel split's class folders (`prepare split
+are read from the run's teacher-label cache (under its --cache-dir, else <RUN>/teacher-labels/)
+when a student made them, else predicted here. The truth is the pseudolabel split's class folders (`prepare split
 --keep-pseudo-labels`); the student never sees them. For each threshold: the share of images whose
 label is at least that confident, and the accuracy of those labels; over all images, the labels'
 negative log-likelihood of the true class and their expected calibration error (a soft-target
@@ -16,6 +16,7 @@ give mean ± std.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -27,16 +28,17 @@ from detect_waste_cls.data.images import resolve_images_square
 from detect_waste_cls.export import load_model
 from detect_waste_cls.predict import path_probabilities_with_flip
 from detect_waste_cls.pseudo.loss import tempered_log_targets
-from detect_waste_cls.pseudo.teachers import TEACHER_LABELS_DIR, TeacherLabelCache, labels_key
+from detect_waste_cls.pseudo.teachers import TeacherLabelCache, labels_key
 from detect_waste_cls.rounds import ENSEMBLE
-from detect_waste_cls.run_folder import last_checkpoint
+from detect_waste_cls.run_folder import last_checkpoint, teacher_labels_dir
 
 THRESHOLDS = (0.0, 0.5, 0.8, 0.9, 0.95)
 
 
 def teacher_probabilities(run: Path, paths: list[Path]) -> dict[str, torch.Tensor]:
     """{teacher model name: probabilities of every pseudolabel image}, plus the ensemble's mean when several."""
-    cache = TeacherLabelCache(run.resolve().parent / TEACHER_LABELS_DIR)
+    cache_dir = json.loads((run / "config.json").read_text()).get("run", {}).get("cache_dir")
+    cache = TeacherLabelCache(teacher_labels_dir(run, cache_dir))
     found = {}
     for folder in sorted(run.glob("round-0*")):
         if folder.name.endswith(ENSEMBLE) or not last_checkpoint(folder).is_file():

@@ -9,7 +9,9 @@ other row is compared with seed by seed, and optionally substitute_models ({row 
 train instead}). Every row is checked against TrainConfig before the
 first run starts. Rows already done are skipped, and a run that was interrupted after a completed
 epoch continues from it (`--resume auto`, in its own folder), so a killed study loses at most an
-epoch; teacher-mode rows, and runs killed before their first checkpoint, start over.
+epoch; teacher-mode rows, and runs killed before their first checkpoint, start over. Every row
+caches teacher labels in <results>/runs/teacher-labels/ (`--cache-dir`), so the students of one
+seed's teachers label the pseudolabel split once.
 """
 
 from __future__ import annotations
@@ -206,8 +208,10 @@ def main(argv: list[str] | None = None) -> int:
             row_config = results / "configs" / f"{out.name}.json"
             row_config.parent.mkdir(parents=True, exist_ok=True)
             row_config.write_text(json.dumps(configs[name], indent=2))
+            # One cache for every row: students of the same teachers (rows of one seed) label once.
             command = [sys.executable, "-m", "detect_waste_cls.cli", "train", "--config", str(row_config),
                        "--data", str(args.data), "--out", str(out), "--seed", str(seed), "--no-progress-bar",
+                       "--cache-dir", str(results / "runs"),
                        *(["--resume", RESUME_AUTO] if continued else []), *extra_flags]
             print(f"{out.name}: {'continuing from its last completed epoch' if continued else 'running'}", flush=True)
             wall = run_row(command, out, results / "logs" / f"{out.name}.log", name, seed, continued)

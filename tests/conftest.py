@@ -10,11 +10,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from detect_waste_cls.config import MIN_CALIBRATION_IMAGES
 from detect_waste_cls.run_folder import LAST_CHECKPOINT
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TRASHNET = REPO_ROOT.parent / "shared" / "data" / "trashnet"
 COLOURS = {"glass": (30, 160, 60), "metal": (40, 60, 200), "paper": (220, 40, 40)}
+# An images_square/val split just big enough for a run to fit its calibration temperature on.
+CALIBRATION_VAL = {name: -(-MIN_CALIBRATION_IMAGES // len(COLOURS)) for name in COLOURS}
 
 
 def write_image(path: Path, colour, size=40, seed=0) -> Path:

@@ -68,6 +68,9 @@ def test_an_upload_gets_its_class_a_chart_and_the_model_panel(models, monkeypatc
     assert not at.exception and not at.error
     top1 = at.main.subheader[0].value
     assert top1.startswith("Top-1: paper (") and top1.endswith("%)")
+    # The tiny run's few validation images fit no temperature, and the page says so.
+    caption = at.main.caption[0].value
+    assert "not calibrated (T = 1):" in caption and "validation images are too few" in caption
     assert len(at.get("plotly_chart")) == 1
 
     # A threshold above any confidence warns; flip TTA still predicts the same class.

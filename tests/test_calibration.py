@@ -8,9 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import COLOURS, final_checkpoint, make_tree, train_args
+from conftest import CALIBRATION_VAL, COLOURS, final_checkpoint, make_tree, train_args
 from detect_waste_cls.calibration import TEMPERATURE_RANGE, expected_calibration_error, fit_temperature
 from detect_waste_cls.cli import main
+from detect_waste_cls.config import MIN_CALIBRATION_IMAGES
+from detect_waste_cls.export import export_model, load_pretrained
 from detect_waste_cls.models.classifier import CALIBRATION_KEY, load_classifier
 from detect_waste_cls.predict import path_logits
 
@@ -46,8 +48,9 @@ def test_a_split_the_model_gets_all_right_cannot_push_the_temperature_to_zero():
 @pytest.fixture(scope="module")
 def calibrated_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("calibration")
-    data = make_tree(root / "data", {"train": {name: 10 for name in COLOURS}, "test": {name: 4 for name in COLOURS}})
-    assert main(train_args(data, root / "run", "--val-split", "0.3")) == 0
+    data = make_tree(root / "data", {"train": {name: 10 for name in COLOURS}, "val": CALIBRATION_VAL,
+                                     "test": {name: 4 for name in COLOURS}})
+    assert main(train_args(data, root / "run")) == 0
     return data, root / "run"
 
 
@@ -55,11 +58,16 @@ def test_the_final_checkpoint_carries_the_temperature_that_test_and_predict_use(
     data, run = calibrated_run
     checkpoint = final_checkpoint(run)
     stored = torch.load(checkpoint, map_location="cpu", weights_only=True)[CALIBRATION_KEY]
-    assert stored["images"] == 9  # 30% of 10 per class, the validation split only
+    images = sum(CALIBRATION_VAL.values())  # the validation split only
+    assert stored["fitted"] and stored["images"] == images >= MIN_CALIBRATION_IMAGES
     model = load_classifier(checkpoint)
     assert model.temperature == stored["temperature"] != 1.0
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["temperature"] == stored["temperature"]
+    assert f"fitted on {images} validation images" in metrics["calibration"]
+    assert f"fitted on {images} validation images" in (run / "classification_report.txt").read_text()
+    card = (export_model(checkpoint, tmp_path / "model") / "README.md").read_text()
+    assert f"T = {stored['temperature']:.3f}, fitted on {images} validation images" in card
     assert {"ece", "ece_uncalibrated", "nll", "nll_uncalibrated"} <= set(metrics)
     assert (run / "reliability_diagram.png").stat().st_size > 1000
 
@@ -84,3 +92,19 @@ def test_no_calibrate_keeps_temperature_one(tiny_tree, tmp_path):
     assert CALIBRATION_KEY not in torch.load(checkpoint, map_location="cpu", weights_only=True)
     assert load_classifier(checkpoint).temperature == 1.0
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["temperature"] == 1.0
+
+
+def test_too_few_validation_images_keep_temperature_one_and_the_report_and_model_card_say_why(tiny_tree, tmp_path):
+    """A temperature fitted on a handful of images made a 5%-labels TrashNet run worse calibrated than none."""
+    run = tmp_path / "run"
+    assert main(train_args(tiny_tree, run, "--epochs", "1")) == 0
+    checkpoint = final_checkpoint(run)
+    stored = torch.load(checkpoint, map_location="cpu", weights_only=True)[CALIBRATION_KEY]
+    assert not stored["fitted"] and stored["temperature"] == 1.0 and 0 < stored["images"] < MIN_CALIBRATION_IMAGES
+    assert load_classifier(checkpoint).temperature == 1.0
+    why = f"not calibrated (T = 1): {stored['images']} validation images are too few"
+    assert why in json.loads((run / "metrics.json").read_text())["calibration"]
+    assert why in (run / "classification_report.txt").read_text()
+    folder = export_model(checkpoint, tmp_path / "model")
+    assert why in (folder / "README.md").read_text()
+    assert load_pretrained(folder).calibration == load_classifier(checkpoint).calibration

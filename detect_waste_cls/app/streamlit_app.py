@@ -15,6 +15,7 @@ from detect_waste_cls.app import (DEFAULT_THRESHOLD, IMAGE_TYPES, MAX_PIXELS, MA
                                   read_upload, script_model_argument, top_k)
 from detect_waste_cls.errors import UserInputError
 from detect_waste_cls.export import load_model, model_metrics
+from detect_waste_cls.models.classifier import describe_calibration
 
 METRIC_NAMES = {"accuracy": "Accuracy", "balanced_accuracy": "Balanced accuracy", "macro_f1": "Macro F1",
                 "ece": "ECE (calibrated)"}
@@ -86,9 +87,8 @@ name, confidence = rows[0]
 photo, result = st.columns(2)
 photo.image(image, caption=upload.name, width="stretch")
 result.subheader(f"Top-1: {name} ({confidence:.1%})")
-calibration = (f"calibrated by temperature scaling (T = {model.temperature:.2f})" if model.temperature != 1.0
-               else "not calibrated: the run did no temperature scaling")
-result.caption(f"Confidence {calibration}" + ("; averaged with the mirror image" if flip_tta else ""))
+result.caption(f"Confidence {describe_calibration(model.calibration)}"
+               + ("; averaged with the mirror image" if flip_tta else ""))
 if confidence < threshold:
     result.warning(f"Low confidence: {confidence:.1%} is below the {threshold:.0%} threshold. "
                    "Check this photo by hand.")

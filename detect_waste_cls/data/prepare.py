@@ -96,13 +96,8 @@ def _claim_outputs(folder: Path, manifest: Path, overwrite: bool) -> None:
         others.append(imports)
     if others:
         raise UserInputError(_not_listed_message(folder, manifest, others))
-    for path in ours:
-        path.unlink()
-    for path in sorted({parent for path in ours for parent in path.parents if parent.is_relative_to(folder)},
-                       key=lambda path: len(path.parts), reverse=True):
-        if not any(path.iterdir()):
-            path.rmdir()
-    manifest.unlink(missing_ok=True)
+    _remove_files(ours, folder)
+    manifest.unlink(missing_ok=True)  # last: a run stopped halfway can still be replaced
 
 
 def _listed_paths(manifest: Path) -> list[str]:
@@ -118,9 +113,11 @@ def _listed_paths(manifest: Path) -> list[str]:
 def _sort_files(folder: Path, listed: set[Path]) -> tuple[list[Path], list[Path]]:
     """(the files under `folder` that `listed` holds, everything else): a folder on no listed path counts as
     one entry, and links are never followed."""
-    on_listed_paths = {parent for path in listed for parent in path.parents}
+    if not (folder.exists() or folder.is_symlink()):
+        return [], []
     if folder.is_symlink() or not folder.is_dir():
         return [], [folder]
+    on_listed_paths = {parent for path in listed for parent in path.parents}
     ours, others, pending = [], [], [folder]
     while pending:
         with os.scandir(pending.pop()) as entries:
@@ -133,6 +130,16 @@ def _sort_files(folder: Path, listed: set[Path]) -> tuple[list[Path], list[Path]
                 elif entry.name not in OS_METADATA:
                     others.append(path)
     return ours, sorted(others)
+
+
+def _remove_files(files: list[Path], folder: Path) -> None:
+    """Remove `files`, then the folders under `folder` (itself included) that this leaves empty, deepest first."""
+    for path in files:
+        path.unlink()
+    emptied = {parent for path in files for parent in path.parents if parent.is_relative_to(folder)}
+    for path in sorted(emptied, key=lambda path: len(path.parts), reverse=True):
+        if not any(path.iterdir()):
+            path.rmdir()
 
 
 def _records_files_in(imports: Path, folder: Path) -> bool:

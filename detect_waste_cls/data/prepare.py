@@ -88,12 +88,12 @@ def _claim_outputs(folder: Path, manifest: Path, overwrite: bool) -> None:
         return
     if not overwrite:
         raise UserInputError(f"{earlier[0]} already exists: pass --overwrite to replace the files {manifest} lists")
-    root = manifest.parent
-    listed = {root / path for path in _listed_paths(manifest)}
+    # Paths as strings, joined the way the folder scan joins them: a dataset can hold 100,000 files.
+    listed = {os.path.join(manifest.parent, *path.split("/")) for path in _listed_paths(manifest)}
     ours, others = _sort_files(folder, listed)
-    imports = root / IMAGES_DIR / IMPORTS_MANIFEST
-    if imports not in others and _records_files_in(imports, folder):
-        others.append(imports)
+    imports = manifest.parent / IMAGES_DIR / IMPORTS_MANIFEST
+    if str(imports) not in others and _records_files_in(imports, folder):
+        others.append(str(imports))
     if others:
         raise UserInputError(_not_listed_message(folder, manifest, others))
     _remove_files(ours, folder)
@@ -110,33 +110,32 @@ def _listed_paths(manifest: Path) -> list[str]:
                              "another --dst") from error
 
 
-def _sort_files(folder: Path, listed: set[Path]) -> tuple[list[Path], list[Path]]:
-    """(the files under `folder` that `listed` holds, everything else): a folder on no listed path counts as
-    one entry, and links are never followed."""
+def _sort_files(folder: Path, listed: set[str]) -> tuple[list[str], list[str]]:
+    """(the files under `folder` that `listed` holds, all other files): links are never followed, and empty
+    folders are neither."""
     if not (folder.exists() or folder.is_symlink()):
         return [], []
     if folder.is_symlink() or not folder.is_dir():
-        return [], [folder]
-    on_listed_paths = {parent for path in listed for parent in path.parents}
-    ours, others, pending = [], [], [folder]
+        return [], [str(folder)]
+    ours, others, pending = [], [], [str(folder)]
     while pending:
         with os.scandir(pending.pop()) as entries:
             for entry in entries:
-                path = Path(entry.path)
                 if entry.is_dir(follow_symlinks=False):
-                    (pending if path in on_listed_paths else others).append(path)
-                elif path in listed:
-                    ours.append(path)
+                    pending.append(entry.path)
+                elif entry.path in listed:
+                    ours.append(entry.path)
                 elif entry.name not in OS_METADATA:
-                    others.append(path)
+                    others.append(entry.path)
     return ours, sorted(others)
 
 
-def _remove_files(files: list[Path], folder: Path) -> None:
+def _remove_files(files: list[str], folder: Path) -> None:
     """Remove `files`, then the folders under `folder` (itself included) that this leaves empty, deepest first."""
     for path in files:
-        path.unlink()
-    emptied = {parent for path in files for parent in path.parents if parent.is_relative_to(folder)}
+        os.unlink(path)
+    parents = {Path(parent) for parent in {os.path.dirname(path) for path in files}}
+    emptied = {path for parent in parents for path in (parent, *parent.parents) if path.is_relative_to(folder)}
     for path in sorted(emptied, key=lambda path: len(path.parts), reverse=True):
         if not any(path.iterdir()):
             path.rmdir()
@@ -149,12 +148,13 @@ def _records_files_in(imports: Path, folder: Path) -> bool:
                for pair in read_imports_manifest(images_square).items() for path in pair)
 
 
-def _not_listed_message(folder: Path, manifest: Path, others: list[Path]) -> str:
-    shown = "\n  ".join(f"{path}/" if path.is_dir() and not path.is_symlink() else str(path)
-                        for path in others[:SHOWN_FILES])
+def _not_listed_message(folder: Path, manifest: Path, others: list[str]) -> str:
+    shown = "\n  ".join(others[:SHOWN_FILES])
     more = f"\n  and {len(others) - SHOWN_FILES} more" if len(others) > SHOWN_FILES else ""
-    labeled = (f"\n{IMPORTS_MANIFEST} records images a person labeled in Label Studio: a new split would lose "
-               "them or put them into test/." if any(path.name == IMPORTS_MANIFEST for path in others) else "")
+    labeled = ""
+    if any(os.path.basename(path) == IMPORTS_MANIFEST for path in others):
+        labeled = (f"\n{IMPORTS_MANIFEST} records images a person labeled in Label Studio: a new split would lose "
+                   "them or put them into test/.")
     return (f"nothing removed: --overwrite replaces only the files {manifest} lists, and {folder} also holds "
             f"{len(others)} more:\n  {shown}{more}{labeled}\n"
             f"write to another --dst, or move those files out of {folder} and run again")

@@ -58,29 +58,51 @@ def config_from_args(args: argparse.Namespace, default_model: str) -> TrainConfi
 def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
     tasks = parser.add_subparsers(dest="task", required=True)
     split = tasks.add_parser("split", help="class folders -> images_square/{train,test,pseudolabel} + manifest.csv")
-    split.add_argument("--src", type=Path, required=True, help="folder with one subfolder of images per class")
-    split.add_argument("--dst", type=Path, required=True)
-    split.add_argument("--test", type=float, default=0.2)
-    split.add_argument("--pseudo", type=float, default=0.6)
-    split.add_argument("--val", type=float, default=0.0)
-    split.add_argument("--keep-pseudo-labels", action="store_true", help="keep class subfolders in pseudolabel/")
-    split.add_argument("--square", action="store_true", help="pad images to squares")
-    split.add_argument("--size", type=int, default=None, help="resize to this many px (longer side)")
+    split.add_argument("--src", type=Path, required=True, help="folder with one subfolder of images per class "
+                                                               "(only read)")
+    split.add_argument("--dst", type=Path, required=True,
+                       help="dataset folder to write: DST/images_square/<split>/ and DST/manifest.csv, which lists "
+                            "every file written")
+    split.add_argument("--test", type=float, default=0.2, help="share of each class for test/ (default: %(default)s)")
+    split.add_argument("--pseudo", type=float, default=0.6,
+                       help="share of each class for pseudolabel/, the unlabeled images (default: %(default)s)")
+    split.add_argument("--val", type=float, default=0.0,
+                       help="share of each class for val/; with 0, training carves --val-split out of train/ "
+                            "(default: %(default)s)")
+    split.add_argument("--keep-pseudo-labels", action="store_true",
+                       help="keep class subfolders in pseudolabel/ (default: one flat folder, labels dropped)")
+    split.add_argument("--square", action="store_true", help="pad images with black to squares (default: off)")
+    split.add_argument("--size", type=int, default=None,
+                       help="resize so the longer side is this many px (default: keep the size)")
     mode = split.add_mutually_exclusive_group()
-    mode.add_argument("--link", action="store_true", help="symlink instead of copying")
+    mode.add_argument("--link", action="store_true", help="symlink to the sources instead of copying (default: copy)")
     mode.add_argument("--copy", dest="link", action="store_false", help="copy files (default)")
-    split.add_argument("--seed", type=int, default=0)
-    split.add_argument("--overwrite", action="store_true")
+    split.add_argument("--seed", type=int, default=0,
+                       help="seed of the shuffle: the same seed gives the same split (default: %(default)s)")
+    split.add_argument("--overwrite", action="store_true",
+                       help="replace an earlier split in DST: removes only the files DST/manifest.csv lists, and stops "
+                            "before removing any if DST/images_square holds anything else (default: off, an existing "
+                            "DST/images_square is refused)")
 
     crop = tasks.add_parser("crop", help="COCO bounding boxes -> class-folder crops")
-    crop.add_argument("--annotations", type=Path, required=True, help="COCO detection json")
+    crop.add_argument("--annotations", type=Path, required=True, help="COCO detection JSON (images, annotations, "
+                                                                      "categories)")
     crop.add_argument("--images", type=Path, required=True, help="folder the json's file_name entries are relative to")
-    crop.add_argument("--dst", type=Path, required=True)
-    crop.add_argument("--square", action="store_true", help="grow boxes to squares before cropping")
-    crop.add_argument("--zoom", type=float, default=1.0, help="scale boxes about their centre (context)")
-    crop.add_argument("--mapping", default="detectwaste", help="detectwaste, none, or a JSON file {category: class}")
-    crop.add_argument("--split", choices=("train", "test", "pseudolabel"), default="train")
-    crop.add_argument("--overwrite", action="store_true")
+    crop.add_argument("--dst", type=Path, required=True,
+                      help="dataset folder to write: DST/images_square/SPLIT/<class>/ and DST/manifest-crop-SPLIT.csv, "
+                           "which lists every crop written")
+    crop.add_argument("--square", action="store_true", help="grow boxes to squares before cropping (default: off)")
+    crop.add_argument("--zoom", type=float, default=1.0,
+                      help="scale boxes about their centre, e.g. 1.2 for some context (default: %(default)s)")
+    crop.add_argument("--mapping", default="detectwaste",
+                      help="detectwaste (TACO categories -> the seven detect-waste classes), none (category names "
+                           "are the classes), or a JSON file {category: class} (default: %(default)s)")
+    crop.add_argument("--split", choices=("train", "test", "pseudolabel"), default="train",
+                      help="the folder of images_square the crops go to (default: %(default)s)")
+    crop.add_argument("--overwrite", action="store_true",
+                      help="replace an earlier crop into DST/images_square/SPLIT: removes only the files "
+                           "DST/manifest-crop-SPLIT.csv lists, and stops before removing any if the folder holds "
+                           "anything else (default: off, an existing folder is refused)")
 
 
 def build_parser(default_model: str = DEFAULT_MODEL) -> argparse.ArgumentParser:

@@ -182,3 +182,15 @@ def test_nothing_in_the_package_runs_a_shell_eval_exec_or_unpickles():
                 if not (isinstance(weights_only, ast.Constant) and weights_only.value is True):
                     problems.append(f"{where} torch.load without weights_only=True")
     assert not problems, problems
+
+
+def test_data_that_is_missing_or_a_file_is_named_as_such_before_any_folder_is_made(tmp_path, capsys):
+    out = tmp_path / "out"
+    missing = tmp_path / "nowhere"
+    assert main(train_args(missing, out)) == 2
+    assert f"error: --data {missing} does not exist\n" == capsys.readouterr().err
+    a_file = tmp_path / "manifest.csv"
+    a_file.write_text("source,split,class,path\n")
+    assert main(train_args(a_file, out)) == 2
+    assert f"error: --data {a_file} is a file, not a dataset folder\n" == capsys.readouterr().err
+    assert not out.exists()

@@ -102,7 +102,7 @@ def test_more_gpus_than_exist_is_one_clear_line():
 
 
 @pytest.mark.parametrize("problem, message", [
-    ("missing data", "no training data at"),
+    ("missing data", "does not exist"),
     ("unknown test class", "plastic"),
     ("non-empty out", "not empty"),
     ("test without checkpoint", "--checkpoint"),

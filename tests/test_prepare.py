@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import inspect
 import json
 import logging
 import tempfile
@@ -14,8 +16,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from detect_waste_cls.cli import build_parser
 from detect_waste_cls.data.prepare import DETECTWASTE_MAPPING, crop_coco, split_dataset
 from detect_waste_cls.errors import UserInputError
+from detect_waste_cls.labeling.label_studio import Dataset, choice_result
+from detect_waste_cls.labeling.label_studio_import import import_annotations
 
 TRASHNET = Path(__file__).resolve().parents[1].parent / "shared/data/trashnet"
 CLASS_COUNTS = {"cardboard": 10, "glass": 7, "paper": 3}
@@ -48,6 +53,22 @@ def source_files(src: Path) -> set[str]:
 def files_on_disk(dst: Path) -> set[str]:
     root = dst / "images_square"
     return {p.relative_to(dst).as_posix() for p in root.rglob("*") if p.is_file() or p.is_symlink()}
+
+
+def snapshot(dst: Path) -> dict[str, bytes]:
+    """Every file under `dst` and its bytes."""
+    return {p.relative_to(dst).as_posix(): p.read_bytes() for p in sorted(dst.rglob("*")) if p.is_file()}
+
+
+def label_in_label_studio(dst: Path, labels: dict[str, str], export: Path) -> None:
+    """What a person does: label pseudolabel images (name -> class) in Label Studio, export the project as
+    JSON, and bring the labels in with `label-studio import` (which copies the images into train/<class>/)."""
+    dataset = Dataset.open(dst)
+    tasks = [{"id": number, "data": {"image": dataset.url(dataset.images_square / "pseudolabel" / name)},
+              "annotations": [{"id": number, "result": choice_result(label), "was_cancelled": False}]}
+             for number, (name, label) in enumerate(labels.items(), start=1)]
+    export.write_text(json.dumps(tasks))
+    assert len(import_annotations(dst, export).copied) == len(labels)
 
 
 # ---------------------------------------------------------------- split_dataset
@@ -103,21 +124,44 @@ def test_keep_pseudo_labels_keeps_class_folders(class_dataset: Path, tmp_path: P
         assert len(list((folder / cls).iterdir())) == len(expected)
 
 
-def test_existing_output_is_refused_and_overwrite_spares_user_files(class_dataset: Path, tmp_path: Path) -> None:
+def test_overwrite_replaces_exactly_the_files_the_manifest_lists(class_dataset: Path, tmp_path: Path) -> None:
     dst = tmp_path / "out"
-    split_dataset(class_dataset, dst, seed=0)
-    notes = dst / "notes.txt"
+    first = split_dataset(class_dataset, dst, seed=0, keep_pseudo_labels=True)
+    notes = dst / "notes.txt"  # beside images_square: not in the folder --overwrite replaces
     notes.write_text("mine")
-    stale = dst / "images_square" / "train" / "stale.png"
-    stale.write_bytes(b"old")
 
     with pytest.raises(UserInputError, match="images_square.*--overwrite"):
         split_dataset(class_dataset, dst, seed=1)
+    assert files_on_disk(dst) == set(first["path"])
     manifest = split_dataset(class_dataset, dst, seed=1, overwrite=True)
 
     assert notes.read_text() == "mine"
-    assert not stale.exists()
     assert files_on_disk(dst) == set(manifest["path"])
+    # The class folders of the first split's pseudolabel/ were left empty, so they went too.
+    assert all(p.is_file() for p in (dst / "images_square" / "pseudolabel").iterdir())
+
+
+def test_overwrite_refuses_and_keeps_everything_when_a_person_added_files(class_dataset: Path, tmp_path: Path) -> None:
+    dst = tmp_path / "out"
+    manifest = split_dataset(class_dataset, dst, seed=0)
+    unlabeled = manifest[manifest["split"] == "pseudolabel"]["path"].map(lambda path: Path(path).name).tolist()
+    labels = dict(zip(unlabeled[:3], ["glass", "cardboard", "glass"]))
+    label_in_label_studio(dst, labels, tmp_path / "export.json")
+    write_image(dst / "images_square" / "train" / "glass" / "mine_extra.jpg", random_pixels(8, 8, seed=5))
+    (dst / "images_square" / "NOTES.txt").write_text("where these photos came from")
+    before = snapshot(dst)
+
+    with pytest.raises(UserInputError) as refused:
+        split_dataset(class_dataset, dst, seed=1, overwrite=True)
+
+    message = str(refused.value)
+    assert message.startswith("nothing removed") and "6 more" in message and "another --dst" in message
+    person_made = ["train/glass/mine_extra.jpg", "NOTES.txt", "label_studio_imports.csv",
+                   *(f"train/{label}/{name}" for name, label in labels.items())]
+    for path in person_made:
+        assert str(dst / "images_square" / path) in message
+    assert "put them into test/" in message
+    assert snapshot(dst) == before  # not one file removed, the imported labels and the manifest included
 
 
 def test_existing_manifest_alone_is_refused(class_dataset: Path, tmp_path: Path) -> None:
@@ -125,6 +169,8 @@ def test_existing_manifest_alone_is_refused(class_dataset: Path, tmp_path: Path)
     (tmp_path / "out" / "manifest.csv").write_text("keep me")
     with pytest.raises(UserInputError, match="manifest.csv"):
         split_dataset(class_dataset, tmp_path / "out")
+    with pytest.raises(UserInputError, match="manifest.csv is not a manifest `prepare` wrote"):
+        split_dataset(class_dataset, tmp_path / "out", overwrite=True)
     assert (tmp_path / "out" / "manifest.csv").read_text() == "keep me"
 
 
@@ -350,7 +396,7 @@ def test_mapping_file_none_and_pseudolabel_layout(coco, tmp_path: Path) -> None:
 
 def test_crop_refuses_existing_split_unless_overwrite(coco, tmp_path: Path) -> None:
     write, images, _ = coco
-    annotations = write([box(1, [0, 0, 4, 4])])
+    annotations = write([box(1, [0, 0, 4, 4]), box(2, [0, 0, 4, 4], category_id=2)])
     dst = tmp_path / "out"
     crop_coco(annotations, images, dst)
     crop_coco(annotations, images, dst, split="test")  # another split is a different folder
@@ -358,9 +404,52 @@ def test_crop_refuses_existing_split_unless_overwrite(coco, tmp_path: Path) -> N
 
     with pytest.raises(UserInputError, match="train.*--overwrite"):
         crop_coco(annotations, images, dst)
-    crop_coco(annotations, images, dst, overwrite=True)
+    crop_coco(write([box(3, [0, 0, 4, 4])]), images, dst, overwrite=True)
     assert (dst / "notes.txt").read_text() == "mine"
     assert (dst / "images_square" / "test" / "glass" / "a_1.png").is_file()
+    train = {path for path in files_on_disk(dst) if path.startswith("images_square/train/")}
+    assert train == {"images_square/train/glass/a_3.png"}  # the first crops and their emptied class folder went
+    assert not (dst / "images_square" / "train" / "metals_and_plastic").exists()
+    listed = pd.read_csv(dst / "manifest-crop-train.csv")
+    assert listed[["annotation_id", "split", "class", "path"]].values.tolist() == [
+        [3, "train", "glass", "images_square/train/glass/a_3.png"]]
+
+
+def test_crop_overwrite_refuses_and_keeps_everything_when_a_person_added_files(coco, tmp_path: Path) -> None:
+    write, images, _ = coco
+    dst = tmp_path / "out"
+    unlabeled = write([box(11, [4, 4, 8, 8]), box(12, [9, 9, 8, 8])]).rename(tmp_path / "unlabeled.json")
+    labeled = write([box(1, [0, 0, 4, 4]), box(2, [0, 0, 4, 4], category_id=2)])
+    crop_coco(labeled, images, dst)
+    crop_coco(unlabeled, images, dst, split="pseudolabel")
+    label_in_label_studio(dst, {"a_11.png": "metals_and_plastic"}, tmp_path / "export.json")
+    write_image(dst / "images_square" / "train" / "glass" / "mine_extra.jpg", random_pixels(8, 8, seed=5))
+    before = snapshot(dst)
+
+    with pytest.raises(UserInputError) as refused:
+        crop_coco(labeled, images, dst, overwrite=True)
+    for path in ("train/glass/mine_extra.jpg", "train/metals_and_plastic/a_11.png", "label_studio_imports.csv"):
+        assert str(dst / "images_square" / path) in str(refused.value)
+    # pseudolabel/ holds only its own crops, but a person labeled one of them: replacing it would lose that.
+    with pytest.raises(UserInputError, match="label_studio_imports.csv"):
+        crop_coco(unlabeled, images, dst, split="pseudolabel", overwrite=True)
+    assert snapshot(dst) == before
+
+
+def subcommand(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    return parser._subparsers._group_actions[0].choices[name]
+
+
+@pytest.mark.parametrize("task, function", [("split", split_dataset), ("crop", crop_coco)])
+def test_every_prepare_option_says_its_default_and_it_is_the_functions_own(task: str, function) -> None:
+    parser = subcommand(subcommand(build_parser(), "prepare"), task)
+    defaults = {name: p.default for name, p in inspect.signature(function).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    for action in parser._actions:
+        if action.dest == "help" or action.required:
+            continue
+        assert "default" in (action.help or ""), f"{action.option_strings} does not say its default"
+        assert parser.get_default(action.dest) == defaults[action.dest], action.option_strings
 
 
 def test_jpeg_sources_give_jpeg_crops(tmp_path: Path) -> None:

@@ -205,9 +205,19 @@ def labeled_by_import(images_square: Path) -> set[Path]:
             if source.startswith("pseudolabel/")}
 
 
+def data_folder(data: str | Path) -> Path:
+    """--data as a folder: a missing path or a file is named as such before anything looks inside."""
+    data = Path(data)
+    if not data.exists():
+        raise UserInputError(f"--data {data} does not exist")
+    if not data.is_dir():
+        raise UserInputError(f"--data {data} is a file, not a dataset folder")
+    return data
+
+
 def resolve_images_square(data: str | Path) -> Path:
     """Accept either a dataset root holding `images_square/` or the `images_square` folder itself."""
-    data = Path(data)
+    data = data_folder(data)
     if (data / "images_square" / "train").is_dir():
         return data / "images_square"
     if (data / "train").is_dir():
@@ -220,10 +230,8 @@ def resolve_images_square(data: str | Path) -> Path:
 
 def resolve_test_folder(folder: str | Path) -> Path:
     """For test mode: a dataset root, an images_square folder, or any folder of class subfolders."""
-    folder = Path(folder)
+    folder = data_folder(folder)
     for candidate in (folder / "images_square" / "test", folder / "test"):
         if candidate.is_dir():
             return candidate
-    if not folder.is_dir():
-        raise UserInputError(f"folder not found: {folder}")
     return folder

@@ -1,7 +1,10 @@
 """Build `images_square/{train,test,pseudolabel}` from class folders or from COCO boxes.
 
-Both entry points refuse to replace earlier output unless asked, and then remove only what
-they themselves create, so other files the user keeps in the destination are never touched.
+Each entry point lists every file it writes in a manifest: `split` in DST/manifest.csv, `crop` in
+DST/manifest-crop-<split>.csv. Both refuse to replace earlier output unless asked (--overwrite), and
+then remove only the files their own manifest lists, and the manifest. If the folder they would
+replace holds anything else (images imported from Label Studio, files added by hand, another tool's
+output), they stop before removing anything and list those files.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import shutil
 from collections import Counter, defaultdict
@@ -19,7 +23,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from detect_waste_cls.data.images import IMAGE_EXTENSIONS, class_folders, load_rgb, scan_images
+from detect_waste_cls.data.images import (IMAGE_EXTENSIONS, IMPORTS_MANIFEST, class_folders, load_rgb,
+                                          read_imports_manifest, scan_images)
 from detect_waste_cls.errors import UserInputError
 
 log = logging.getLogger(__name__)
@@ -27,6 +32,10 @@ log = logging.getLogger(__name__)
 IMAGES_DIR = "images_square"
 MANIFEST = "manifest.csv"
 COCO_SPLITS = ("train", "test", "pseudolabel")
+CROP_COLUMNS = ("source", "annotation_id", "split", "class", "path")
+# Written by the operating system's file browser, not by a person: neither removed nor a reason to stop.
+OS_METADATA = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
+SHOWN_FILES = 20  # an error lists this many files, then a count
 
 # TACO category name -> detect-waste class, as listed in utils/dataset_converter.py of
 # github.com/wimlds-trojmiasto/detect-waste (used by its classifier/cut_bbox_litter.py).
@@ -64,19 +73,95 @@ DETECTWASTE_MAPPING.update({cls: cls for cls in _DETECTWASTE_CLASSES})
 # ---------------------------------------------------------------- shared helpers
 
 
-def _claim_outputs(paths: list[Path], overwrite: bool) -> None:
-    existing = [path for path in paths if path.exists() or path.is_symlink()]
-    if existing and not overwrite:
-        raise UserInputError(f"{existing[0]} already exists: pass --overwrite to replace it")
-    for path in existing:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
+def crop_manifest(dst: Path, split: str) -> Path:
+    return dst / f"manifest-crop-{split}.csv"
+
+
+def _claim_outputs(folder: Path, manifest: Path, overwrite: bool) -> None:
+    """Make way for new output in `folder`: refuse earlier output unless `overwrite`, then remove exactly
+    the files `manifest` lists (paths relative to its folder), the folders that leaves empty, and `manifest`.
+
+    Anything else in `folder` stops this before one file is removed: it is what a person made.
+    """
+    earlier = [path for path in (folder, manifest) if path.exists() or path.is_symlink()]
+    if not earlier:
+        return
+    if not overwrite:
+        raise UserInputError(f"{earlier[0]} already exists: pass --overwrite to replace the files {manifest} lists")
+    # Paths as strings, joined the way the folder scan joins them: a dataset can hold 100,000 files.
+    listed = {os.path.join(manifest.parent, *path.split("/")) for path in _listed_paths(manifest)}
+    ours, others = _sort_files(folder, listed)
+    imports = manifest.parent / IMAGES_DIR / IMPORTS_MANIFEST
+    if str(imports) not in others and _records_files_in(imports, folder):
+        others.append(str(imports))
+    if others:
+        raise UserInputError(_not_listed_message(folder, manifest, others))
+    _remove_files(ours, folder)
+    manifest.unlink(missing_ok=True)  # last: a run stopped halfway can still be replaced
+
+
+def _listed_paths(manifest: Path) -> list[str]:
+    if not (manifest.exists() or manifest.is_symlink()):
+        return []
+    try:
+        return pd.read_csv(manifest, usecols=["path"], dtype=str)["path"].dropna().tolist()
+    except (OSError, ValueError, UnicodeDecodeError, pd.errors.ParserError) as error:
+        raise UserInputError(f"{manifest} is not a manifest `prepare` wrote ({error}): move it away, or choose "
+                             "another --dst") from error
+
+
+def _sort_files(folder: Path, listed: set[str]) -> tuple[list[str], list[str]]:
+    """(the files under `folder` that `listed` holds, all other files): links are never followed, and empty
+    folders are neither."""
+    if not (folder.exists() or folder.is_symlink()):
+        return [], []
+    if folder.is_symlink() or not folder.is_dir():
+        return [], [str(folder)]
+    ours, others, pending = [], [], [str(folder)]
+    while pending:
+        with os.scandir(pending.pop()) as entries:
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(entry.path)
+                elif entry.path in listed:
+                    ours.append(entry.path)
+                elif entry.name not in OS_METADATA:
+                    others.append(entry.path)
+    return ours, sorted(others)
+
+
+def _remove_files(files: list[str], folder: Path) -> None:
+    """Remove `files`, then the folders under `folder` (itself included) that this leaves empty, deepest first."""
+    for path in files:
+        os.unlink(path)
+    parents = {Path(parent) for parent in {os.path.dirname(path) for path in files}}
+    emptied = {path for parent in parents for path in (parent, *parent.parents) if path.is_relative_to(folder)}
+    for path in sorted(emptied, key=lambda path: len(path.parts), reverse=True):
+        if not any(path.iterdir()):
+            path.rmdir()
+
+
+def _records_files_in(imports: Path, folder: Path) -> bool:
+    """Whether Label Studio imports came from or went to `folder` (replacing it would lose what they record)."""
+    images_square = imports.parent
+    return any((images_square / path).is_relative_to(folder)
+               for pair in read_imports_manifest(images_square).items() for path in pair)
+
+
+def _not_listed_message(folder: Path, manifest: Path, others: list[str]) -> str:
+    shown = "\n  ".join(others[:SHOWN_FILES])
+    more = f"\n  and {len(others) - SHOWN_FILES} more" if len(others) > SHOWN_FILES else ""
+    labeled = ""
+    if any(os.path.basename(path) == IMPORTS_MANIFEST for path in others):
+        labeled = (f"\n{IMPORTS_MANIFEST} records images a person labeled in Label Studio: a new split would lose "
+                   "them or put them into test/.")
+    return (f"nothing removed: --overwrite replaces only the files {manifest} lists, and {folder} also holds "
+            f"{len(others)} more:\n  {shown}{more}{labeled}\n"
+            f"write to another --dst, or move those files out of {folder} and run again")
 
 
 def _refuse_overlap(source: Path, output: Path, *, output_inside_source_ok: bool) -> None:
-    """--overwrite deletes `output`, so it must never hold the input; and an output inside a
+    """An input inside the output would be read and written at once; and an output inside a
     class-folder input would be read back as one more class."""
     if source.resolve().is_relative_to(output.resolve()):
         raise UserInputError(f"input {source} lies inside the output {output}: choose another destination")
@@ -120,7 +205,7 @@ def split_dataset(
     _check_split_options(shares, square, size, link)
     images_by_class = _scan_classes(src)
     _refuse_overlap(src, dst / IMAGES_DIR, output_inside_source_ok=False)
-    _claim_outputs([dst / IMAGES_DIR, dst / MANIFEST], overwrite)
+    _claim_outputs(dst / IMAGES_DIR, dst / MANIFEST, overwrite)
 
     rows = []
     for cls, paths in images_by_class.items():
@@ -249,9 +334,13 @@ def _reshape(pixels: np.ndarray, square: bool, size: int | None) -> Image.Image:
 
 @dataclass
 class CropReport:
-    written: int = 0
+    crops: list[dict] = field(default_factory=list)  # rows of the crop manifest (CROP_COLUMNS)
     skipped: dict[str, int] = field(default_factory=dict)
     per_class: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def written(self) -> int:
+        return len(self.crops)
 
     def skip(self, reason: str, count: int = 1) -> None:
         self.skipped[reason] = self.skipped.get(reason, 0) + count
@@ -267,7 +356,10 @@ def crop_coco(
     annotations: str | Path, images: str | Path, dst: str | Path, *, square: bool = False,
     zoom: float = 1.0, mapping: str | Path = "detectwaste", split: str = "train", overwrite: bool = False,
 ) -> CropReport:
-    """Crop every mapped COCO box into `dst/images_square/<split>/<class>/<stem>_<annotation id><ext>`."""
+    """Crop every mapped COCO box into `dst/images_square/<split>/<class>/<stem>_<annotation id><ext>`.
+
+    Lists the crops in `dst/manifest-crop-<split>.csv`: what `overwrite` may remove.
+    """
     annotations, images, dst = Path(annotations), Path(images), Path(dst)
     if split not in COCO_SPLITS:
         raise UserInputError(f"split must be one of {', '.join(COCO_SPLITS)}, got {split!r}")
@@ -279,7 +371,7 @@ def crop_coco(
     class_of = _resolve_mapping(mapping, category_names.values(), annotations)
     out_dir = dst / IMAGES_DIR / split
     _refuse_overlap(images, out_dir, output_inside_source_ok=True)
-    _claim_outputs([out_dir], overwrite)
+    _claim_outputs(out_dir, crop_manifest(dst, split), overwrite)
 
     report = CropReport()
     boxes_by_image = defaultdict(list)
@@ -295,6 +387,9 @@ def crop_coco(
     for image_id, boxes in boxes_by_image.items():
         flat = split == "pseudolabel"
         _crop_image(images, images_by_id[image_id], boxes, out_dir, flat, square, zoom, report)
+    crops = pd.DataFrame(report.crops, columns=list(CROP_COLUMNS))
+    crops["path"] = [Path(path).relative_to(dst).as_posix() for path in crops["path"]]
+    crops.assign(split=split).to_csv(crop_manifest(dst, split), index=False)
     if report.skipped:
         skipped = sum(report.skipped.values())
         log.warning("skipped %d annotation(s) from %s: %s", skipped, annotations, report.skipped)
@@ -363,7 +458,8 @@ def _crop_image(images: Path, image: dict, boxes: list[tuple[dict, str]], out_di
         target.parent.mkdir(parents=True, exist_ok=True)
         left, top, right, bottom = clipped
         _save_image(Image.fromarray(pixels[top:bottom, left:right]), target)
-        report.written += 1
+        report.crops.append({"source": str(path.absolute()), "annotation_id": annotation.get("id"), "class": cls,
+                             "path": target})
         report.per_class[cls] = report.per_class.get(cls, 0) + 1
 
 

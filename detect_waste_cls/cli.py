@@ -181,14 +181,16 @@ def run_label_studio(args: argparse.Namespace) -> None:
 
 def run_test_mode(args: argparse.Namespace, config: TrainConfig) -> None:
     from detect_waste_cls.evaluate import evaluate_folder, format_report
+    from detect_waste_cls.output_folder import new_output_folder
     from detect_waste_cls.resolve import SAMPLE_DATA
-    from detect_waste_cls.run_folder import create_run_dir
+    from detect_waste_cls.run_folder import new_run_path
 
     if args.checkpoint is None:
         raise UserInputError("--mode test needs --checkpoint CKPT")
-    out = create_run_dir(config.run.out, "test")
-    metrics = evaluate_folder(args.checkpoint, config.data.root or SAMPLE_DATA, out,
-                              batch_size=4 * config.data.batch_size, num_workers=config.data.num_workers or 0)
+    out = Path(config.run.out) if config.run.out is not None else new_run_path("test")
+    with new_output_folder(out) as folder:
+        metrics = evaluate_folder(args.checkpoint, config.data.root or SAMPLE_DATA, folder,
+                                  batch_size=4 * config.data.batch_size, num_workers=config.data.num_workers or 0)
     print(f"{format_report(metrics)}\nresults in {out}")
 
 

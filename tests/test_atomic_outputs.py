@@ -10,7 +10,7 @@ import pytest
 from conftest import COLOURS, final_checkpoint, make_tree, train_args
 from detect_waste_cls import export
 from detect_waste_cls.cli import main
-from detect_waste_cls.labeling import select
+from detect_waste_cls.labeling import label_studio, select
 from detect_waste_cls.labeling.select import select_images
 
 
@@ -86,6 +86,21 @@ def test_a_failed_select_leaves_no_out_and_the_retry_works(trained, tmp_path, mo
     assert nothing_but(tmp_path)
     csv = select_images(run, data, tmp_path / "selection", budget=2, strategy="margin")
     assert len(pd.read_csv(csv)) == 2 and nothing_but(tmp_path, "selection")
+
+
+def test_a_failed_label_studio_export_leaves_no_out_and_its_readme_names_the_final_folder(trained, tmp_path,
+                                                                                          monkeypatch):
+    data, run = trained
+    selection = select_images(run, data, tmp_path / "selection", budget=2, strategy="margin")
+    out = tmp_path / "project"
+    with monkeypatch.context() as patched:
+        patched.setattr(label_studio, "project_readme", lambda *args: 1 / 0)
+        with pytest.raises(ZeroDivisionError):
+            label_studio.export_project(data, [selection], out)
+    assert nothing_but(tmp_path, "selection")
+    assert label_studio.export_project(data, [selection], out).tasks == 2
+    readme = (out / label_studio.README_FILE).read_text()
+    assert f"--project-dir {out.resolve()}" in readme and ".partial" not in readme
 
 
 def test_a_failed_test_mode_run_leaves_no_out_and_the_retry_works(trained, tmp_path, capsys):

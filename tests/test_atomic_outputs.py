@@ -135,7 +135,8 @@ def test_a_model_path_that_is_no_model_is_named_as_such(trained, tmp_path, capsy
         "select": ["select", "--model", str(not_a_model), "--data", str(data), "--budget", "2", "--out", str(out)],
     }[command]
     assert main(args) == 2
-    assert capsys.readouterr().err.strip() == f"error: not a Lightning checkpoint or exported model folder: {not_a_model}"
+    expected = f"error: not a Lightning checkpoint or exported model folder: {not_a_model}"
+    assert capsys.readouterr().err.strip() == expected
     assert not out.exists()
 
 

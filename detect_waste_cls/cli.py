@@ -113,12 +113,13 @@ def build_parser(default_model: str = DEFAULT_MODEL) -> argparse.ArgumentParser:
     add_training_arguments(commands.add_parser("test", help="score a checkpoint on a folder of class subfolders"),
                            default_model, "test")
     predict = commands.add_parser("predict", help="top-5 predictions for a folder of images")
-    predict.add_argument("--checkpoint", type=Path, required=True, help="a .ckpt file or an exported model folder")
+    predict.add_argument("--checkpoint", type=Path, required=True,
+                         help="a .ckpt file, an exported model folder or a run folder")
     predict.add_argument("--images", type=Path, required=True, help="folder of images (searched recursively)")
     predict.add_argument("--out", type=Path, required=True, help="CSV file to write (must not exist)")
     predict.add_argument("-b", "--batch-size", type=int, default=64)
     export = commands.add_parser("export", help="a checkpoint as a Hugging Face-style folder (safetensors, card, ONNX)")
-    export.add_argument("--checkpoint", type=Path, required=True)
+    export.add_argument("--checkpoint", type=Path, required=True, help="a .ckpt file or a run folder")
     export.add_argument("--out", type=Path, required=True, help="folder to create (must not exist or be empty)")
     export.add_argument("--onnx", action="store_true", help="also write model.onnx, checked with onnxruntime")
     export.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the folder with huggingface_hub ($HF_TOKEN)")
@@ -203,14 +204,16 @@ def run_label_studio(args: argparse.Namespace) -> None:
 
 def run_test_mode(args: argparse.Namespace, config: TrainConfig) -> None:
     from detect_waste_cls.evaluate import evaluate_folder, format_report
+    from detect_waste_cls.output_folder import new_output_folder
     from detect_waste_cls.resolve import SAMPLE_DATA
-    from detect_waste_cls.run_folder import create_run_dir
+    from detect_waste_cls.run_folder import new_run_path
 
     if args.checkpoint is None:
         raise UserInputError("--mode test needs --checkpoint CKPT")
-    out = create_run_dir(config.run.out, "test")
-    metrics = evaluate_folder(args.checkpoint, config.data.root or SAMPLE_DATA, out,
-                              batch_size=4 * config.data.batch_size, num_workers=config.data.num_workers or 0)
+    out = Path(config.run.out) if config.run.out is not None else new_run_path("test")
+    with new_output_folder(out) as folder:
+        metrics = evaluate_folder(args.checkpoint, config.data.root or SAMPLE_DATA, folder,
+                                  batch_size=4 * config.data.batch_size, num_workers=config.data.num_workers or 0)
     print(f"{format_report(metrics)}\nresults in {out}")
 
 

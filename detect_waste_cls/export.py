@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,6 +18,8 @@ from detect_waste_cls.config import ModelConfig
 from detect_waste_cls.errors import UserInputError, check_new_folder
 from detect_waste_cls.models.backbones import in_our_names
 from detect_waste_cls.models.classifier import LitterClassifier, describe_calibration, load_classifier
+from detect_waste_cls.output_folder import new_output_folder
+from detect_waste_cls.run_folder import run_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +29,6 @@ ONNX_FILE = "model.onnx"
 CARD_FILE = "README.md"
 METRICS_FILE = "metrics.json"  # the run's test metrics, copied so the app can show them
 ONNX_TOLERANCE = 1e-4
-HF_TOKEN_ENV = "HF_TOKEN"
 
 
 def is_exported_folder(path: str | Path) -> bool:
@@ -35,14 +36,53 @@ def is_exported_folder(path: str | Path) -> bool:
     return (path / CONFIG_FILE).is_file() and (path / WEIGHTS_FILE).is_file()
 
 
+@dataclass(frozen=True)
+class ModelChoice:
+    label: str  # what the app's run selectbox shows
+    path: Path  # a checkpoint file or an exported folder: what load_model() and model_metrics() take
+
+
+def find_models(path: Path) -> list[ModelChoice]:
+    """The models `path` offers, most recent first.
+
+    A .ckpt file or an exported folder is one model; so is a run folder (its checkpoints/ are searched);
+    a folder of runs offers each subfolder that is an exported folder or a run folder.
+    """
+    path = Path(path)
+    if path.is_file() or is_exported_folder(path):
+        return [ModelChoice(path.name, path)]
+    if not path.is_dir():
+        raise UserInputError(f"model not found: {path} (give an exported folder, a .ckpt file or a folder of runs)")
+    if (checkpoint := run_checkpoint(path)) is not None:
+        return [ModelChoice(f"{path.name} ({checkpoint.name})", checkpoint)]
+    choices = []
+    for folder in (child for child in path.iterdir() if child.is_dir()):
+        if is_exported_folder(folder):
+            choices.append(ModelChoice(folder.name, folder))
+        elif (checkpoint := run_checkpoint(folder)) is not None:
+            choices.append(ModelChoice(f"{folder.name} ({checkpoint.name})", checkpoint))
+    if not choices:
+        raise UserInputError(f"{path} holds no model: no .ckpt file under checkpoints/ and no exported folder, "
+                             "in it or in its subfolders")
+    return sorted(choices, key=lambda choice: choice.path.stat().st_mtime, reverse=True)
+
+
+def one_model(path: str | Path) -> Path:
+    """The checkpoint file or exported folder a model path names: itself, or a run folder's final checkpoint."""
+    choices = find_models(Path(path))
+    if len(choices) > 1:
+        raise UserInputError(f"{path} holds {len(choices)} models ({', '.join(c.label for c in choices[:3])}, ...): "
+                             "give one run folder, checkpoint or exported folder")
+    return choices[0].path
+
+
 def load_model(path: str | Path, classes: Sequence[str] | None = None, classes_of: str = "the data") -> LitterClassifier:
-    """A ready-to-predict model from a checkpoint file or an exported folder, in the channels-last layout.
+    """A ready-to-predict model from a checkpoint file, an exported folder or a run folder, in the channels-last
+    layout.
 
     With `classes`, the model must know exactly those, in that order (`classes_of` names where they come from).
     """
-    path = Path(path)
-    if not path.exists():
-        raise UserInputError(f"model not found: {path} (give a .ckpt file or an exported folder)")
+    path = one_model(path)
     model = load_pretrained(path) if path.is_dir() else load_classifier(path)
     if classes is not None and model.classes != list(classes):
         raise UserInputError(f"{path} was trained on classes {model.classes}, but {classes_of} has {list(classes)}")
@@ -83,14 +123,20 @@ def model_metrics(path: str | Path) -> dict | None:
 
 
 def export_model(checkpoint: str | Path, out: str | Path, *, onnx: bool = False, push_to_hub: str | None = None) -> Path:
-    """Write config.json, model.safetensors, README.md (and model.onnx) into a new folder; optionally upload it."""
-    checkpoint, out = Path(checkpoint), Path(out)
-    check_new_folder(out)
-    if push_to_hub and not os.environ.get(HF_TOKEN_ENV):
-        raise UserInputError(f"--push-to-hub needs a Hugging Face token in ${HF_TOKEN_ENV}")
+    """Write config.json, model.safetensors, README.md (and model.onnx) into a new folder; optionally upload it.
+
+    `checkpoint`: a .ckpt file or a run folder. Everything the export needs is checked before it writes, and the
+    folder appears whole or not at all. A failed upload keeps it, for a later one.
+    """
+    checkpoint, out = one_model(checkpoint), check_new_folder(Path(out))
+    if checkpoint.is_dir():
+        raise UserInputError(f"{checkpoint} is an exported folder already: export takes a .ckpt file or a run folder")
+    if onnx:
+        require_onnx()
+    if push_to_hub:
+        require_hub_token()
     model = load_classifier(checkpoint).eval()
     metrics, training = read_run_file(checkpoint, METRICS_FILE), read_run_file(checkpoint, CONFIG_FILE)
-    out.mkdir(parents=True, exist_ok=True)
     config = {
         "library": "detect-waste-cls",
         "version": __version__,
@@ -101,14 +147,16 @@ def export_model(checkpoint: str | Path, out: str | Path, *, onnx: bool = False,
         "temperature": model.temperature,
         "calibration": model.calibration,  # the validation images the temperature was fitted on, or why it is 1
         "input": "RGB, resized to image_size x image_size, scaled to [0, 1], then (x - mean) / std",
-        "onnx_output": "logits already divided by temperature: softmax gives calibrated probabilities",
     }
-    write_weights_and_config(model, config, out)
-    if metrics is not None:
-        (out / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
-    (out / CARD_FILE).write_text(model_card(config, metrics, training, model.backbone_entry.timm_name))
     if onnx:
-        export_onnx(model, out / ONNX_FILE)
+        config["onnx_output"] = "logits already divided by temperature: softmax gives calibrated probabilities"
+    with new_output_folder(out) as folder:
+        write_weights_and_config(model, config, folder)
+        if metrics is not None:
+            (folder / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+        (folder / CARD_FILE).write_text(model_card(config, metrics, training, model.backbone_entry.timm_name))
+        if onnx:
+            export_onnx(model, folder / ONNX_FILE)
     log.info("exported %s to %s", checkpoint, out)
     if push_to_hub:
         upload_folder(out, push_to_hub)
@@ -144,13 +192,24 @@ def write_weights_and_config(model: LitterClassifier, config: dict, out: Path) -
                 data_config=data_config)
 
 
-def export_onnx(model: LitterClassifier, path: Path) -> Path:
-    """model.onnx with a dynamic batch size, checked against PyTorch with onnxruntime on a batch of 2."""
+def require_onnx() -> None:
     try:
         import onnx  # noqa: F401  (torch.onnx.export writes through it)
-        import onnxruntime
+        import onnxruntime  # noqa: F401  (the check against PyTorch)
     except ImportError:
         raise UserInputError("--onnx needs the onnx and onnxruntime packages: pip install 'detect-waste-cls[onnx]'") from None
+
+
+def require_hub_token() -> None:
+    from huggingface_hub import get_token  # its own lookup: $HF_TOKEN, then the token `hf auth login` saved
+
+    if get_token() is None:
+        raise UserInputError("--push-to-hub needs a Hugging Face token: set $HF_TOKEN or run `hf auth login`")
+
+
+def export_onnx(model: LitterClassifier, path: Path) -> Path:
+    """model.onnx with a dynamic batch size, checked against PyTorch with onnxruntime on a batch of 2."""
+    import onnxruntime  # export_model checked it is there (require_onnx) before writing anything
 
     wrapped = _CalibratedLogits(model).eval()
     example = torch.randn(2, 3, model.image_size, model.image_size)
@@ -243,10 +302,11 @@ def model_card(config: dict, metrics: dict | None, training: dict | None, timm_n
 
 
 def upload_folder(folder: Path, repo_id: str) -> str:
-    """Upload an exported folder to the Hugging Face Hub with $HF_TOKEN; network or auth trouble is one line."""
+    """Upload an exported folder to the Hugging Face Hub (token: see require_hub_token); network or auth trouble
+    is one line."""
     from huggingface_hub import HfApi
 
-    api = HfApi(token=os.environ.get(HF_TOKEN_ENV))
+    api = HfApi()
     try:
         api.create_repo(repo_id, exist_ok=True)
         commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id)

@@ -87,18 +87,19 @@ def fit_and_test(config: TrainConfig, callbacks: Sequence[pl.Callback] = (), run
         resume_from = str(last_checkpoint(run_dir))
     if resume_from:
         resumed_epoch = check_resume_checkpoint(resume_from, datamodule.classes, config.model.name)
-    if run_dir is None:
-        run_dir = create_run_dir(config.run.out, config.model.name, num_nodes=config.run.num_nodes)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if config.run.resume == RESUME_AUTO and rank_zero_only.rank == 0:
-        forget_epochs_after(run_dir / "metrics.csv", resumed_epoch)
-    datamodule.skipped_log = None if config.data.strict else run_dir / SKIPPED_FILES
+    # Built before the run folder exists: a refused model (weights missing, unreadable) leaves no empty --out.
     model = LitterClassifier(classes=datamodule.classes, image_size=config.data.image_size,
                              model=config.model, optim=config.optim, pseudo=config.pseudo)
     if config.run.channels_last:
         model = model.to(memory_format=torch.channels_last)
     if config.run.compile:
         model.model.compile()  # in place: state dict keys and checkpoints stay as without --compile
+    if run_dir is None:
+        run_dir = create_run_dir(config.run.out, config.model.name, num_nodes=config.run.num_nodes)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if config.run.resume == RESUME_AUTO and rank_zero_only.rank == 0:
+        forget_epochs_after(run_dir / "metrics.csv", resumed_epoch)
+    datamodule.skipped_log = None if config.data.strict else run_dir / SKIPPED_FILES
     probe_only = config.optim.finetune == "linear"  # the probe is the whole model: no epochs
     checkpoints = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best-{epoch:02d}", monitor="val/loss")
     # Lightning's save_last only rewrites last.ckpt when a new best is saved; --resume needs the latest epoch.

@@ -35,6 +35,19 @@ def teacher_labels_dir(run_dir: Path, cache_dir: str | Path | None) -> Path:
     return Path(cache_dir if cache_dir is not None else run_dir) / TEACHER_LABELS_DIR
 
 
+def run_checkpoint(run: Path) -> Path | None:
+    """The checkpoint a run folder is served by: the one its training tested and calibrated (the run's
+    --final-checkpoint: its newest best-*.ckpt, or last.ckpt), else its newest .ckpt."""
+    checkpoints = sorted((run / "checkpoints").glob("*.ckpt"), key=lambda path: path.stat().st_mtime, reverse=True)
+    config = run / "config.json"
+    final = json.loads(config.read_text()).get("optim", {}).get("final_checkpoint") if config.is_file() else None
+    if final == "last":
+        preferred = [path for path in checkpoints if path.stem == LAST_CHECKPOINT]
+    else:
+        preferred = [path for path in checkpoints if path.name.startswith("best")]
+    return (preferred or checkpoints or [None])[0]
+
+
 def create_run_dir(out: str | Path | None, name: str, *, num_nodes: int = 1) -> Path:
     """A new, empty folder for this run: `out`, or runs/<name>-<timestamp>. Never reuses a non-empty one."""
     if os.environ.get(RUN_DIR_ENV):
@@ -50,11 +63,17 @@ def create_run_dir(out: str | Path | None, name: str, *, num_nodes: int = 1) -> 
         out = check_new_folder(Path(out))
         out.mkdir(parents=True, exist_ok=True)
         return out
+    folder = new_run_path(name)
+    folder.mkdir(parents=True)
+    return folder
+
+
+def new_run_path(name: str) -> Path:
+    """runs/<name>-<timestamp>, not yet taken (a suffix when it is): a default run folder is never reused."""
     base = Path("runs") / f"{name}-{datetime.now():%Y%m%d-%H%M%S}"
     candidate, suffix = base, 1
     while candidate.exists():
         candidate, suffix = base.with_name(f"{base.name}-{suffix}"), suffix + 1
-    candidate.mkdir(parents=True)
     return candidate
 
 

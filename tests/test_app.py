@@ -17,6 +17,7 @@ from detect_waste_cls import app
 from detect_waste_cls.cli import main
 from detect_waste_cls.errors import UserInputError
 from detect_waste_cls.export import export_model
+from detect_waste_cls.run_folder import run_checkpoint
 
 streamlit_testing = pytest.importorskip("streamlit.testing.v1")
 TIMEOUT_S = 60
@@ -196,6 +197,6 @@ def test_a_run_folder_is_served_by_the_checkpoint_its_training_tested(tmp_path):
     for name in ("last.ckpt", "best-epoch=03.ckpt"):  # the best one written last, so the newest
         (run / "checkpoints" / name).write_bytes(b"")
     (run / "config.json").write_text('{"optim": {"final_checkpoint": "last"}}')
-    assert app.run_checkpoint(run).name == "last.ckpt"
+    assert run_checkpoint(run).name == "last.ckpt"
     (run / "config.json").write_text('{"optim": {"final_checkpoint": "best"}}')
-    assert app.run_checkpoint(run).name == "best-epoch=03.ckpt"
+    assert run_checkpoint(run).name == "best-epoch=03.ckpt"

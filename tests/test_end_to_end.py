@@ -191,7 +191,7 @@ def test_resume_from_an_unreadable_checkpoint_is_a_one_line_error(tiny_tree, tmp
     broken = tmp_path / "last.ckpt"
     broken.write_bytes(b"not a checkpoint")
     assert main(train_args(tiny_tree, tmp_path / "r", "--resume", str(broken))) == 2
-    assert f"cannot read checkpoint {broken}" in capsys.readouterr().err
+    assert f"not a checkpoint: {broken}" in capsys.readouterr().err
 
 
 def test_last_checkpoint_is_the_latest_epoch_whichever_epoch_was_best(tiny_tree, tmp_path):

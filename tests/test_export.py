@@ -102,8 +102,10 @@ def test_export_never_writes_into_a_folder_that_has_files(exported, tmp_path, ca
 def test_push_to_hub_without_a_token_is_one_line_and_writes_nothing(exported, tmp_path, capsys, monkeypatch):
     _, checkpoint, _ = exported
     monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr("huggingface_hub.constants.HF_TOKEN_PATH", str(tmp_path / "no-token"))  # nor one logged in
     assert main(["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "m"), "--push-to-hub", "me/x"]) == 2
-    assert capsys.readouterr().err.strip() == "error: --push-to-hub needs a Hugging Face token in $HF_TOKEN"
+    assert capsys.readouterr().err.strip() == ("error: --push-to-hub needs a Hugging Face token: set $HF_TOKEN or run "
+                                               "`hf auth login`")
     assert not (tmp_path / "m").exists()
 
 

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +18,7 @@ from PIL import Image
 
 from detect_waste_cls.data.images import DECODE_ERRORS, load_rgb
 from detect_waste_cls.errors import UserInputError
-from detect_waste_cls.export import is_exported_folder
-from detect_waste_cls.run_folder import LAST_CHECKPOINT
+from detect_waste_cls.export import find_models
 
 # Limits on an uploaded file, in one place. Streamlit counts megabytes as MiB.
 MAX_UPLOAD_MB = 10
@@ -70,50 +67,6 @@ def script_model_argument(argv: list[str]) -> Path:
     if model is None:
         raise UserInputError("no model given: start the page with `detect-waste-cls app --model PATH`")
     return model
-
-
-def run_checkpoint(run: Path) -> Path | None:
-    """The checkpoint a run folder is served by: the one its training tested and calibrated (the run's
-    --final-checkpoint: its newest best-*.ckpt, or last.ckpt), else its newest .ckpt."""
-    checkpoints = sorted((run / "checkpoints").glob("*.ckpt"), key=lambda path: path.stat().st_mtime, reverse=True)
-    config = run / "config.json"
-    final = json.loads(config.read_text()).get("optim", {}).get("final_checkpoint") if config.is_file() else None
-    if final == "last":
-        preferred = [path for path in checkpoints if path.stem == LAST_CHECKPOINT]
-    else:
-        preferred = [path for path in checkpoints if path.name.startswith("best")]
-    return (preferred or checkpoints or [None])[0]
-
-
-@dataclass(frozen=True)
-class ModelChoice:
-    label: str  # what the run selectbox shows
-    path: Path  # what load_model() and model_metrics() take
-
-
-def find_models(path: Path) -> list[ModelChoice]:
-    """The models `path` offers, most recent first.
-
-    A .ckpt file or an exported folder is one model; so is a run folder (its checkpoints/ are searched);
-    a folder of runs offers each subfolder that is an exported folder or a run folder.
-    """
-    path = Path(path)
-    if path.is_file() or is_exported_folder(path):
-        return [ModelChoice(path.name, path)]
-    if not path.is_dir():
-        raise UserInputError(f"model not found: {path} (give an exported folder, a .ckpt file or a folder of runs)")
-    if (checkpoint := run_checkpoint(path)) is not None:
-        return [ModelChoice(f"{path.name} ({checkpoint.name})", checkpoint)]
-    choices = []
-    for folder in (child for child in path.iterdir() if child.is_dir()):
-        if is_exported_folder(folder):
-            choices.append(ModelChoice(folder.name, folder))
-        elif (checkpoint := run_checkpoint(folder)) is not None:
-            choices.append(ModelChoice(f"{folder.name} ({checkpoint.name})", checkpoint))
-    if not choices:
-        raise UserInputError(f"{path} holds no model: no .ckpt file under checkpoints/ and no exported folder, "
-                             "in it or in its subfolders")
-    return sorted(choices, key=lambda choice: choice.path.stat().st_mtime, reverse=True)
 
 
 def read_upload(data: bytes, name: str = "the file") -> np.ndarray:

@@ -23,6 +23,7 @@ from xml.sax.saxutils import quoteattr
 from detect_waste_cls.data.images import class_folders, resolve_images_square
 from detect_waste_cls.errors import UserInputError, check_new_folder
 from detect_waste_cls.labeling.select import COLUMNS as SELECTION_COLUMNS, LABEL_ISSUE, PICKED, PSEUDO_REVIEW
+from detect_waste_cls.output_folder import new_output_folder
 
 # In task order: images picked for labeling first, then the reviews (confident pseudo-labels to accept or
 # fix, training images cleanlab flags as maybe mislabeled).
@@ -200,13 +201,13 @@ def export_project(data: str | Path, selections: Sequence[str | Path], out: str 
         raise UserInputError(f"no rows in {', '.join(map(str, selections))}: nothing to label")
     report.tasks = len(tasks)
     title = title or f"{dataset.root.name}: {len(tasks)} images to label"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / LABEL_CONFIG_FILE).write_text(label_config(dataset.classes))
-    (out / TASKS_FILE).write_text(json.dumps(tasks, indent=1) + "\n")
     project = {"title": title, "document_root": str(dataset.root), "storage_path": str(dataset.images_square),
                "classes": dataset.classes, "tasks": len(tasks), "selections": [str(Path(s)) for s in selections]}
-    (out / PROJECT_FILE).write_text(json.dumps(project, indent=1) + "\n")
-    (out / README_FILE).write_text(project_readme(out, project, report))
+    with new_output_folder(out) as folder:
+        (folder / LABEL_CONFIG_FILE).write_text(label_config(dataset.classes))
+        (folder / TASKS_FILE).write_text(json.dumps(tasks, indent=1) + "\n")
+        (folder / PROJECT_FILE).write_text(json.dumps(project, indent=1) + "\n")
+        (folder / README_FILE).write_text(project_readme(out, project, report))  # names `out`, where it will be
     return report
 
 

@@ -11,7 +11,6 @@ embeddings.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,9 +24,11 @@ from detect_waste_cls.data.datamodule import scan_pseudolabel_folder
 from detect_waste_cls.data.datasets import ImageDataset
 from detect_waste_cls.data.images import keep_decodable, load_rgb, resolve_images_square, scan_labeled_folder
 from detect_waste_cls.errors import UserInputError, check_new_folder
+from detect_waste_cls.export import load_model
 from detect_waste_cls.labeling.strategies import Pool, pick
 from detect_waste_cls.models.classifier import LitterClassifier
 from detect_waste_cls.models.flip import flip_averaged
+from detect_waste_cls.output_folder import new_output_folder
 
 log = logging.getLogger(__name__)
 
@@ -55,18 +56,6 @@ def embed(model: LitterClassifier, paths: list[Path], *, batch_size: int, num_wo
     outputs = flip_averaged(model, loader, num_classes=len(model.classes), head=model.head)
     order = outputs.indices.argsort()
     return Embedded(paths, outputs.probabilities[order].numpy(), outputs.features[order].numpy())
-
-
-def load_one_model(path: Path, classes: Sequence[str], classes_of: str) -> LitterClassifier:
-    """A .ckpt file, an exported folder or a run folder (its final checkpoint), checked to know `classes`."""
-    from detect_waste_cls.app import find_models  # the same rules the app uses to find a run's model
-    from detect_waste_cls.export import load_model
-
-    choices = find_models(path)
-    if len(choices) > 1:
-        raise UserInputError(f"{path} holds {len(choices)} models ({', '.join(c.label for c in choices[:3])}, ...): "
-                             "give one run folder, checkpoint or exported folder")
-    return load_model(choices[0].path, classes, classes_of)
 
 
 def _rows(embedded: Embedded, order: np.ndarray, scores: np.ndarray, classes: list[str], source: str,
@@ -143,17 +132,14 @@ def select_images(model: str | Path, data: str | Path, out: str | Path, *, budge
     root = resolve_images_square(data)
     train = scan_labeled_folder(root / "train")
     classes = train.classes
-    classifier = load_one_model(Path(model), classes, classes_of=str(root / "train"))
+    classifier = load_model(model, classes, classes_of=str(root / "train"))
     pseudolabel = root / "pseudolabel"
     if not pseudolabel.is_dir():
         raise UserInputError(f"no unlabeled images to select from: {pseudolabel} is missing")
     out = check_new_folder(Path(out))
-    out.mkdir(parents=True, exist_ok=True)
     scanned = scan_pseudolabel_folder(pseudolabel, classes)  # without the images a person labeled already
     readable = keep_decodable(scanned.paths, pseudolabel)
     unreadable = scanned.skipped + readable.skipped
-    if unreadable:  # listed, never picked
-        (out / "skipped_files.txt").write_text("".join(f"{path}\n" for path in unreadable))
     if not readable.paths:
         raise UserInputError(f"no readable images under {pseudolabel}")
     target_of = dict(zip(train.paths, train.targets))
@@ -163,17 +149,23 @@ def select_images(model: str | Path, data: str | Path, out: str | Path, *, budge
     unlabeled, labeled = embed(classifier, readable.paths, **options), embed(classifier, labeled_paths, **options)
 
     picks = pick(strategy, Pool(unlabeled.probabilities, unlabeled.embeddings, labeled.embeddings), budget, seed)
-    parts = [_rows(unlabeled, picks.order, picks.scores, classes, PICKED)]
-    contact_sheet(parts[0], out / "selection.png", f"{strategy}: label these first (guess, confidence)")
+    # (rows, contact sheet, its title): the picks, then each review asked for
+    parts = [(_rows(unlabeled, picks.order, picks.scores, classes, PICKED), "selection.png",
+              f"{strategy}: label these first (guess, confidence)")]
     if review_per_class:
-        parts.append(most_confident_per_class(unlabeled, review_per_class, classes, set(picks.order.tolist())))
-        contact_sheet(parts[-1], out / "pseudo-review.png", "most confident pseudo-labels: accept or fix")
+        parts.append((most_confident_per_class(unlabeled, review_per_class, classes, set(picks.order.tolist())),
+                      "pseudo-review.png", "most confident pseudo-labels: accept or fix"))
     if review_label_issues:
-        parts.append(label_issues(labeled, labeled_targets, classes, seed))
-        if len(parts[-1]):
-            contact_sheet(parts[-1], out / "label-issues.png", "training images cleanlab doubts: folder? model's guess")
-    selection = pd.concat(parts, ignore_index=True)
-    selection.to_csv(out / SELECTION_CSV, index=False)
+        parts.append((label_issues(labeled, labeled_targets, classes, seed), "label-issues.png",
+                      "training images cleanlab doubts: folder? model's guess"))
+    selection = pd.concat([rows for rows, _, _ in parts], ignore_index=True)
+    with new_output_folder(out) as folder:
+        if unreadable:  # listed, never picked
+            (folder / "skipped_files.txt").write_text("".join(f"{path}\n" for path in unreadable))
+        for rows, sheet, title in parts:
+            if len(rows):
+                contact_sheet(rows, folder / sheet, title)
+        selection.to_csv(folder / SELECTION_CSV, index=False)
     counts = selection["source"].value_counts().to_dict()
     log.info("%s: %s%s", out / SELECTION_CSV, counts,
              f"; {len(unreadable)} unreadable file(s) listed in skipped_files.txt" if unreadable else "")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -258,6 +259,8 @@ def load_torch_file(path: str | Path, what: str = "weights file", map_location="
     try:
         loaded = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises several types for a file that is not a safe checkpoint
+        if not zipfile.is_zipfile(path):  # not written by torch.save; its error says nothing ("pop from empty list")
+            raise UserInputError(f"not a {what}: {path}") from None
         raise UserInputError(f"cannot read {what} {path}: {error}") from error
     if not isinstance(loaded, dict):
         raise UserInputError(f"{path} holds no state dict or checkpoint")

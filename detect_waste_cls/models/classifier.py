@@ -279,7 +279,7 @@ def _in_our_names(classifier: LitterClassifier, state_dict: dict) -> dict:
 
 def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") -> LitterClassifier:
     """Rebuild a LitterClassifier from one of our checkpoints without unpickling arbitrary code."""
-    checkpoint = load_torch_file(path, "checkpoint", map_location)
+    checkpoint = load_torch_file(path, "Lightning checkpoint or exported model folder", map_location)
     hparams = checkpoint.get("hyper_parameters", {})
     if not {"classes", "image_size", "model", "optim", "pseudo"} <= set(hparams):
         raise UserInputError(f"{path} is not a detect-waste-cls checkpoint (no class list or model config in it)")

@@ -32,7 +32,7 @@ PSEUDO_WEIGHTINGS = ("threshold", "confidence")
 # learning rate; linear: the probe alone.
 FINETUNE_RECIPES = ("lp-ft", "linear", "full")
 PROBE_RECIPES = ("lp-ft", "linear")
-RESUME_AUTO = "auto"  # --resume auto: continue the run in --out from its checkpoints/last.ckpt
+RESUME_AUTO = "auto"  # --resume auto: continue the run in --out from its newest complete checkpoint
 # The checkpoint that is tested, exported and teaches the next round: lowest val/loss, or the end of training.
 FINAL_CHECKPOINTS = ("best", "last")
 LOGGER_NAMES = ("csv", "tensorboard", "wandb", "mlflow")
@@ -417,7 +417,7 @@ RETIRED_FIELDS: dict[tuple[str, str], RetiredField] = {
 }
 
 
-_NOTED: set[tuple[str, str, str]] = set()
+_NOTED: set[tuple[str, str, str]] = set()  # (file, section, field): a table runner reads each file several times
 
 
 def migrate_retired_fields(values: dict[str, Any], path: Path) -> None:
@@ -435,7 +435,7 @@ def migrate_retired_fields(values: dict[str, Any], path: Path) -> None:
         if harmless is None:
             raise UserInputError(f"{path}: {section_name}.{name} = {value!r} {retired.what_it_was}; this version "
                                  "cannot replay that run as it ran")
-        if (str(path), section_name, name) not in _NOTED:  # once per file, however often a table runner reads it
+        if (str(path), section_name, name) not in _NOTED:
             _NOTED.add((str(path), section_name, name))
             log.warning("%s: dropped %s.%s = %r, a removed field that changes nothing here (%s)", path,
                         section_name, name, value, harmless)

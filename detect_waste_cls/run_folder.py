@@ -72,8 +72,8 @@ def newest_complete_checkpoint(run_dir: Path) -> Path | None:
 
 
 def catch_up_last_checkpoint(run_dir: Path, newest: Path) -> None:
-    """Rank 0, before a continued run: make last.ckpt the newest complete checkpoint again (a copy of a later
-    best-*.ckpt, written atomically), so that --final-checkpoint last means the latest epoch as in a run never killed."""
+    """Rank 0, before a continued run: make last.ckpt the newest complete checkpoint again (an atomic copy of a
+    later best-*.ckpt), so that --final-checkpoint last is the latest epoch, as in a run never killed."""
     last = last_checkpoint(run_dir)
     if newest != last:
         log.warning("%s is newer than %s (a kill landed between the two writes of an epoch): continuing from it",

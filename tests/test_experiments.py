@@ -177,7 +177,7 @@ def test_a_teacher_row_gets_one_table_row_per_round(tmp_path, monkeypatch):
     assert "teacher/round-1" in (tmp_path / "r" / "table.md").read_text().split("paired by seed")[1]
 
 
-def test_the_smoke_table_skips_every_committed_run_of_its_default_results_folder_and_rebuilds_the_table(tmp_path, capsys):
+def test_the_smoke_table_skips_every_committed_run_of_its_default_folder_and_rebuilds_its_table(tmp_path, capsys):
     committed = reproduce.default_results("paper", "smoke")
     assert committed == REPO_ROOT / "experiments" / "results" / "paper-smoke"
     assert {reproduce.plan_run(committed / "runs" / f"{row}-seed0", force=False) for row in PAPER_ROWS} == {

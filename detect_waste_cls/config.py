@@ -8,6 +8,7 @@ resolved config, so a run can be replayed with `--config RUN/config.json`.
 import dataclasses
 import difflib
 import json
+import logging
 import os
 import types
 import typing
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from detect_waste_cls.errors import UserInputError
+
+log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("exponential", "cosine", "none")
@@ -29,7 +32,7 @@ PSEUDO_WEIGHTINGS = ("threshold", "confidence")
 # learning rate; linear: the probe alone.
 FINETUNE_RECIPES = ("lp-ft", "linear", "full")
 PROBE_RECIPES = ("lp-ft", "linear")
-RESUME_AUTO = "auto"  # --resume auto: continue the run in --out from its checkpoints/last.ckpt
+RESUME_AUTO = "auto"  # --resume auto: continue the run in --out from its newest complete checkpoint
 # The checkpoint that is tested, exported and teaches the next round: lowest val/loss, or the end of training.
 FINAL_CHECKPOINTS = ("best", "last")
 LOGGER_NAMES = ("csv", "tensorboard", "wandb", "mlflow")
@@ -391,8 +394,61 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     if not isinstance(values, dict):
         raise UserInputError(f"config file {path} must hold a mapping of sections")
     values.pop(RECORD_KEY, None)
+    migrate_retired_fields(values, path)
     check_keys(values, str(path))
     return values
+
+
+@dataclass(frozen=True)
+class RetiredField:
+    """A field that config.json files of earlier versions hold and this version does not."""
+
+    what_it_was: str
+    renamed_to: str | None = None  # its new name in the same section; None: removed
+    # Given the file's section: why dropping the value leaves that run as it was, or None where it does not.
+    harmless_because: typing.Callable[[dict[str, Any]], str | None] = lambda section: None
+
+
+def _no_probe_phase(optim: dict[str, Any]) -> str | None:
+    return "a --finetune full run had no probe phase" if optim.get("finetune") == "full" else None
+
+
+# Every field an earlier version wrote and this one lacks, from `git log -p -- detect_waste_cls/config.py`; no field
+# has been renamed yet. The two probe fields went in a4da269: lp-ft's probe phase (the head alone for probe_epochs
+# epochs of Adam at probe_lr, then everything) became a converged logistic-regression probe, and --finetune linear
+# that probe alone instead of probe_epochs epochs of Adam. A full fine-tune resolved probe_epochs to 0 and never
+# read probe_lr, so its files replay exactly without them; an lp-ft or linear file would silently train another
+# recipe than the one it records, so it is an error.
+PROBE_PHASE = ("set the epoch-based probe phase of --finetune lp-ft and linear, which a converged linear probe "
+               "(models/probe.py) replaced")
+RETIRED_FIELDS: dict[tuple[str, str], RetiredField] = {
+    ("optim", "probe_epochs"): RetiredField(PROBE_PHASE, harmless_because=_no_probe_phase),
+    ("optim", "probe_lr"): RetiredField(PROBE_PHASE, harmless_because=_no_probe_phase),
+}
+
+
+_NOTED: set[tuple[str, str, str]] = set()  # (file, section, field): a table runner reads each file several times
+
+
+def migrate_retired_fields(values: dict[str, Any], path: Path) -> None:
+    """In place: a renamed field takes its new name, a removed one that changes nothing is dropped with a
+    note, and any other is an error saying why the file no longer replays."""
+    for (section_name, name), retired in RETIRED_FIELDS.items():
+        section = values.get(section_name)
+        if not isinstance(section, dict) or name not in section:
+            continue
+        value = section.pop(name)
+        if retired.renamed_to is not None:
+            section.setdefault(retired.renamed_to, value)
+            continue
+        harmless = retired.harmless_because(section)
+        if harmless is None:
+            raise UserInputError(f"{path}: {section_name}.{name} = {value!r} {retired.what_it_was}; this version "
+                                 "cannot replay that run as it ran")
+        if (str(path), section_name, name) not in _NOTED:
+            _NOTED.add((str(path), section_name, name))
+            log.warning("%s: dropped %s.%s = %r, a removed field that changes nothing here (%s)", path,
+                        section_name, name, value, harmless)
 
 
 def merge(*layers: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:

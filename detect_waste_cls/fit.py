@@ -28,7 +28,8 @@ from detect_waste_cls.pseudo.callbacks import PseudoLabelRefresh
 from detect_waste_cls.pseudo.teachers import TeacherLabelCache
 from detect_waste_cls.resolve import device_settings, resolve_config
 from detect_waste_cls.run_folder import (
-    LAST_CHECKPOINT, SKIPPED_FILES, check_resume_checkpoint, create_run_dir, forget_epochs_after, last_checkpoint,
+    BEST_CHECKPOINTS, LAST_CHECKPOINT, SKIPPED_FILES, AtomicCheckpointIO, catch_up_last_checkpoint,
+    check_resume_checkpoint, create_run_dir, forget_epochs_after, last_checkpoint, newest_complete_checkpoint,
     shared_run_dir, write_config,
 )
 from detect_waste_cls.tracking import NeptuneLogger, build_loggers, log_evaluation
@@ -51,14 +52,15 @@ class RunResult:
     rounds: tuple["RunResult", ...] = ()  # teacher mode: each round's own result (round 0's teachers first)
 
 
-def continued_run_dir(config: TrainConfig) -> Path:
-    """The folder `--resume auto` continues: --out, holding checkpoints/last.ckpt and the same config.json."""
+def continued_run_dir(config: TrainConfig) -> tuple[Path, Path]:
+    """The folder `--resume auto` continues (--out, holding the same config.json) and its newest complete checkpoint."""
     if config.run.out is None:
         raise UserInputError(f"--resume {RESUME_AUTO} continues the run folder given by --out RUN")
     run_dir = Path(config.run.out)
-    checkpoint = last_checkpoint(run_dir)
-    if not checkpoint.is_file():
-        raise UserInputError(f"--resume {RESUME_AUTO}: no {checkpoint}, so no completed epoch to continue from")
+    checkpoint = newest_complete_checkpoint(run_dir)
+    if checkpoint is None:
+        raise UserInputError(f"--resume {RESUME_AUTO}: no readable {last_checkpoint(run_dir)} or {BEST_CHECKPOINTS} "
+                             "beside it, so no completed epoch to continue from")
     saved = resolve_config(TrainConfig.from_dict(read_config_file(run_dir / "config.json"), str(run_dir / "config.json")))
     ours, theirs = config.to_dict(), saved.to_dict()
     changed = [f"{section}.{key}" for section, values in ours.items() for key, value in values.items()
@@ -66,7 +68,7 @@ def continued_run_dir(config: TrainConfig) -> Path:
     if changed:
         raise UserInputError(f"--resume {RESUME_AUTO}: {run_dir} was trained with other settings ({', '.join(changed)}); "
                              f"give its own command again, or --config {run_dir / 'config.json'}")
-    return run_dir
+    return run_dir, checkpoint
 
 
 def fit_and_test(config: TrainConfig, callbacks: Sequence[pl.Callback] = (), run_dir: Path | None = None,
@@ -83,8 +85,9 @@ def fit_and_test(config: TrainConfig, callbacks: Sequence[pl.Callback] = (), run
     log.info("data: %s", datamodule.layout.describe())
     resume_from = config.run.resume
     if resume_from == RESUME_AUTO:
-        run_dir = continued_run_dir(config)
-        resume_from = str(last_checkpoint(run_dir))
+        run_dir, resume_from = continued_run_dir(config)
+        if rank_zero_only.rank == 0:
+            catch_up_last_checkpoint(run_dir, resume_from)
     if resume_from:
         resumed_epoch = check_resume_checkpoint(resume_from, datamodule.classes, config.model.name)
     # Built before the run folder exists: a refused model (weights missing, unreadable) leaves no empty --out.
@@ -129,6 +132,7 @@ def fit_and_test(config: TrainConfig, callbacks: Sequence[pl.Callback] = (), run
         logger=loggers,
         default_root_dir=run_dir,
         log_every_n_steps=1,
+        plugins=[AtomicCheckpointIO()],
         enable_progress_bar=config.run.progress_bar if config.run.progress_bar is not None else sys.stderr.isatty(),
         **devices,
     )
@@ -141,8 +145,10 @@ def fit_and_test(config: TrainConfig, callbacks: Sequence[pl.Callback] = (), run
         final = last_checkpoint(run_dir)
     else:
         # Every rank tracks the same best checkpoint (validation metrics are synced), so every rank knows the next teacher.
-        chosen = checkpoints if config.optim.final_checkpoint == "best" else latest
-        final = Path(chosen.best_model_path or latest.best_model_path)
+        # last.ckpt by its path: a run continued at its final epoch from a best-*.ckpt saves nothing more, and the
+        # `latest` callback's state restored from that file predates its own write of the epoch.
+        best = config.optim.final_checkpoint == "best" and checkpoints.best_model_path
+        final = Path(checkpoints.best_model_path) if best else last_checkpoint(run_dir)
     if not trainer.is_global_zero:
         return RunResult(config, run_dir, final)
     if config.run.calibrate:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import shutil
 from collections.abc import Sequence
 from contextlib import contextmanager
 from datetime import datetime
@@ -12,13 +14,19 @@ from pathlib import Path
 import lightning
 import pandas as pd
 import torch
+from lightning.pytorch.plugins import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 
 from detect_waste_cls.config import RECORD_KEY, TrainConfig
 from detect_waste_cls.errors import UserInputError, check_new_folder
 from detect_waste_cls.models.backbones import load_torch_file
 
+log = logging.getLogger(__name__)
+
 LAST_CHECKPOINT = "last"  # checkpoints/last.ckpt: the end of the latest epoch, for --resume
+BEST_CHECKPOINTS = "best-*.ckpt"  # checkpoints/best-epoch=NN.ckpt: the lowest val/loss so far
+# A checkpoint being written; the name matches neither pattern above, so --resume auto never trusts one.
+PARTIAL_SUFFIX = ".partial"
 SKIPPED_FILES = "skipped_files.txt"  # every unreadable file of the run: at scan, in training, at evaluation
 TEACHER_LABELS_DIR = "teacher-labels"  # <run or --cache-dir>/teacher-labels/<key>.safetensors
 
@@ -46,6 +54,51 @@ def run_checkpoint(run: Path) -> Path | None:
     else:
         preferred = [path for path in checkpoints if path.name.startswith("best")]
     return (preferred or checkpoints or [None])[0]
+
+
+def _partial(path: Path) -> Path:
+    return path.with_name(path.name + PARTIAL_SUFFIX)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint under a temporary name beside it and renames it into place, so a kill or a full
+    disk in the middle of a write leaves the previous file whole, never a torn one under a name resume trusts."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        path = Path(path)
+        partial = _partial(path)
+        try:
+            super().save_checkpoint(checkpoint, partial, storage_options)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        os.replace(partial, path)
+
+
+def newest_complete_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint --resume auto continues from: last.ckpt, or a best-*.ckpt of a later epoch where a kill
+    landed between the epoch's two checkpoint writes. Ordered by the global step saved in each file (file times
+    can lie after a copy); a file that cannot be read is passed over with a warning."""
+    candidates = [last_checkpoint(run_dir), *sorted(last_checkpoint(run_dir).parent.glob(BEST_CHECKPOINTS))]
+    steps = {}
+    for path in candidates:
+        if path.is_file():
+            try:
+                steps[path] = load_torch_file(path, "checkpoint")["global_step"]
+            except (UserInputError, KeyError) as error:
+                log.warning("not resuming from %s: %s", path, error)
+    return max(steps, key=steps.get) if steps else None  # a tie keeps last.ckpt, the first candidate
+
+
+def catch_up_last_checkpoint(run_dir: Path, newest: Path) -> None:
+    """Rank 0, before a continued run: make last.ckpt the newest complete checkpoint again (an atomic copy of a
+    later best-*.ckpt), so that --final-checkpoint last is the latest epoch, as in a run never killed."""
+    last = last_checkpoint(run_dir)
+    if newest != last:
+        log.warning("%s is newer than %s (a kill landed between the two writes of an epoch): continuing from it",
+                    newest, last)
+        shutil.copyfile(newest, _partial(last))
+        os.replace(_partial(last), last)
 
 
 def create_run_dir(out: str | Path | None, name: str, *, num_nodes: int = 1) -> Path:

@@ -9,8 +9,9 @@ other row is compared with seed by seed, and optionally substitute_models ({row 
 train instead}). Every row is checked against TrainConfig before the
 first run starts. Rows already done are skipped, and a run that was interrupted after a completed
 epoch continues from it (`--resume auto`, in its own folder), so a killed study loses at most an
-epoch; teacher-mode rows, and runs killed before their first checkpoint, start over. Every row
-caches teacher labels in <results>/runs/teacher-labels/ (`--cache-dir`), so the students of one
+epoch; teacher-mode rows, and runs killed before their first checkpoint, start over. A run folder whose
+config.json an earlier version wrote and this one cannot replay is stale: it is kept aside and its row runs again.
+Every row caches teacher labels in <results>/runs/teacher-labels/ (`--cache-dir`), so the students of one
 seed's teachers label the pseudolabel split once.
 """
 
@@ -21,13 +22,14 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
 from detect_waste_cls.config import RESUME_AUTO, TrainConfig, merge, read_config_file
 from detect_waste_cls.errors import UserInputError
-from detect_waste_cls.run_folder import LAST_CHECKPOINT
+from detect_waste_cls.run_folder import newest_complete_checkpoint
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 DONE_MARKER = "runner.json"
@@ -64,12 +66,51 @@ def row_configs(rows: dict[str, dict], profile: dict, where: str) -> dict[str, d
     return configs
 
 
-def set_aside(folder: Path, reason: str) -> None:
-    """Keep an earlier attempt under a new name instead of deleting it."""
+def set_aside(folder: Path, reason: str) -> Path:
+    """Keep an earlier attempt under a new name instead of deleting it; returns that name."""
     n = 1
     while folder.with_name(f"{folder.name}.{reason}-{n}").exists():
         n += 1
-    folder.rename(folder.with_name(f"{folder.name}.{reason}-{n}"))
+    return folder.rename(folder.with_name(f"{folder.name}.{reason}-{n}"))
+
+
+def saved_config_problem(run: Path) -> str | None:
+    """Why a run folder's config.json (or a teacher-mode round's) can no longer be replayed, or None when it can."""
+    for path in [*run.glob("config.json"), *sorted(run.glob("round-*/config.json"))]:
+        try:
+            TrainConfig.from_dict(read_config_file(path), str(path))
+        except UserInputError as error:
+            return str(error)
+    return None
+
+
+SKIP, CONTINUE, RUN = "done, skipped", "continuing from its last completed epoch", "running"
+
+
+@dataclass(frozen=True)
+class Plan:
+    step: str  # SKIP, CONTINUE or RUN
+    set_aside_as: str | None = None  # what was in the run folder is first kept under this reason
+    stale: str | None = None  # why the saved config no longer replays, for a stale run that is run again
+
+
+def plan_run(out: Path, force: bool) -> Plan:
+    """What to do with a row's run folder: skip it (done), continue it from its newest complete checkpoint
+    (--resume auto; teacher-mode rows keep theirs in round-<k>/ and start over), or run it. A folder whose saved
+    config no longer replays (written by an earlier version) is stale: it runs again, whatever its state."""
+    if not out.exists():
+        return Plan(RUN)
+    stale = saved_config_problem(out)
+    if stale is not None:
+        return Plan(RUN, "stale", stale)
+    done = (out / DONE_MARKER).is_file()
+    if force:
+        return Plan(RUN, "replaced" if done else "interrupted")
+    if done:
+        return Plan(SKIP)
+    if newest_complete_checkpoint(out) is not None:
+        return Plan(CONTINUE)
+    return Plan(RUN, "interrupted")
 
 
 def run_row(command: list[str], out: Path, log_file: Path, row: str, seed: int, continued: bool) -> float:
@@ -95,12 +136,17 @@ def last_logged(metrics_csv: Path, column: str) -> float | None:
 
 
 def finished_runs(results: Path) -> list[Path]:
-    """Run folders with a done marker, leaving out earlier attempts that were set aside."""
+    """Run folders with a done marker, leaving out earlier attempts that were set aside, and stale runs (said so)."""
     runs = []
     for marker in sorted(results.glob(f"runs/*/{DONE_MARKER}")):
         info = json.loads(marker.read_text())
-        if marker.parent.name == f"{info['row']}-seed{info['seed']}":
-            runs.append(marker.parent)
+        if marker.parent.name != f"{info['row']}-seed{info['seed']}":
+            continue
+        stale = saved_config_problem(marker.parent)
+        if stale is not None:
+            print(f"{marker.parent.name}: left out of the table, stale: {stale}; run its row again to bring it back")
+            continue
+        runs.append(marker.parent)
     return runs
 
 
@@ -175,6 +221,10 @@ def write_tables(results: Path, runs: list[dict], baseline: str | None = None) -
     return table
 
 
+def default_results(table: str, profile: str) -> Path:
+    return Path(__file__).resolve().parent / "results" / f"{table}-{profile}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, required=True, help="dataset root with images_square/")
@@ -191,20 +241,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile not in profiles:
         sys.exit(f"error: unknown profile {args.profile!r}; choose from {', '.join(profiles)}")
     profile = profiles[args.profile]
-    results = args.results or Path(__file__).resolve().parent / "results" / f"{args.table}-{args.profile}"
+    results = args.results or default_results(args.table, args.profile)
     rows = load_rows(args.table, args.only)
     configs = row_configs(rows, profile, f"profile {args.profile} of {args.table}")
     for name in rows:
         for seed in args.seeds or profile["seeds"]:
             out = results / "runs" / f"{name}-seed{seed}"
-            done = (out / DONE_MARKER).is_file()
-            if done and not args.force:
-                print(f"{out.name}: done, skipped")
+            plan = plan_run(out, args.force)
+            if plan.set_aside_as is not None:
+                kept = set_aside(out, plan.set_aside_as)
+                if plan.stale is not None:
+                    print(f"{out.name}: stale, its saved config no longer replays ({plan.stale}); "
+                          f"kept as {kept.name}, running it again", flush=True)
+            if plan.step == SKIP:
+                print(f"{out.name}: {SKIP}")
                 continue
-            # Teacher-mode runs keep their checkpoints in round-<k>/, so they never match and start over.
-            continued = not args.force and (out / "checkpoints" / f"{LAST_CHECKPOINT}.ckpt").is_file()
-            if out.exists() and not continued:
-                set_aside(out, "replaced" if done else "interrupted")
+            continued = plan.step == CONTINUE
             row_config = results / "configs" / f"{out.name}.json"
             row_config.parent.mkdir(parents=True, exist_ok=True)
             row_config.write_text(json.dumps(configs[name], indent=2))
@@ -213,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
                        "--data", str(args.data), "--out", str(out), "--seed", str(seed), "--no-progress-bar",
                        "--cache-dir", str(results / "runs"),
                        *(["--resume", RESUME_AUTO] if continued else []), *extra_flags]
-            print(f"{out.name}: {'continuing from its last completed epoch' if continued else 'running'}", flush=True)
+            print(f"{out.name}: {plan.step}", flush=True)
             wall = run_row(command, out, results / "logs" / f"{out.name}.log", name, seed, continued)
             print(f"{out.name}: {wall:.0f} s", flush=True)
     # The table covers every finished run here, not only this invocation's rows.

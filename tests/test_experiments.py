@@ -1,6 +1,7 @@
 """The results-table runner on its smoke profile, the analysis notebook on its output, and the teachers' label quality."""
 
 import json
+import shutil
 
 import nbformat
 import pandas as pd
@@ -177,6 +178,48 @@ def test_a_teacher_row_gets_one_table_row_per_round(tmp_path, monkeypatch):
     assert "teacher/round-1" in (tmp_path / "r" / "table.md").read_text().split("paired by seed")[1]
     # The rows share one teacher-label cache, beside their run folders.
     assert list((tmp_path / "r" / "runs" / TEACHER_LABELS_DIR).glob("*.safetensors"))
+
+
+def test_the_smoke_table_skips_every_committed_run_of_its_default_folder_and_rebuilds_its_table(tmp_path, capsys):
+    committed = reproduce.default_results("paper", "smoke")
+    assert committed == REPO_ROOT / "experiments" / "results" / "paper-smoke"
+    assert {reproduce.plan_run(committed / "runs" / f"{row}-seed0", force=False) for row in PAPER_ROWS} == {
+        reproduce.Plan(reproduce.SKIP)}
+    # The whole command, on a copy so that the committed table files stay as they are: no run, no stop.
+    results = tmp_path / "paper-smoke"
+    shutil.copytree(committed, results)
+    assert reproduce.main(["--data", str(tmp_path / "nowhere"), "--profile", "smoke", "--results", str(results)]) == 0
+    assert capsys.readouterr().out.count("done, skipped") == len(PAPER_ROWS)
+    assert sorted(pd.read_csv(results / "table.csv").row) == PAPER_ROWS
+
+
+def test_a_row_whose_saved_config_no_longer_replays_is_rerun_and_the_rest_of_the_table_runs(tmp_path, monkeypatch,
+                                                                                             capsys):
+    table = tmp_path / "configs" / "t"
+    table.mkdir(parents=True)
+    tiny = {"model": {"name": "simple-cnn"}, "data": {"image_size": 32, "batch_size": 4, "num_workers": 0},
+            "optim": {"epochs": 1}, "run": {"accelerator": "cpu"}}
+    (table / "profiles.json").write_text(json.dumps({"p": {"seeds": [0], "config": tiny}}))
+    for row in ("a", "b"):
+        (table / f"{row}.json").write_text(json.dumps({"pseudo": {"mode": "none"}}))
+    monkeypatch.setattr(reproduce, "CONFIGS", tmp_path / "configs")
+    data = make_tree(tmp_path / "data", {"train": {n: 4 for n in COLOURS}, "test": {n: 2 for n in COLOURS}})
+    results = tmp_path / "r"
+    # Done runs from an earlier version, with the removed lp-ft probe phase: row a's, and one of a row since dropped.
+    for row in ("a", "old"):
+        run = results / "runs" / f"{row}-seed0"
+        run.mkdir(parents=True)
+        (run / "config.json").write_text(json.dumps({"optim": {"finetune": "lp-ft", "probe_epochs": 3}}))
+        (run / reproduce.DONE_MARKER).write_text(json.dumps({"row": row, "seed": 0, "wall_time_s": 1.0}))
+
+    assert reproduce.main(["--data", str(data), "--table", "t", "--profile", "p", "--results", str(results)]) == 0
+    output = capsys.readouterr().out
+    assert "a-seed0: stale, its saved config no longer replays" in output and "optim.probe_epochs = 3" in output
+    assert "a-seed0: running" in output and "b-seed0: running" in output
+    assert "old-seed0: left out of the table, stale" in output
+    kept = results / "runs" / "a-seed0.stale-1"
+    assert json.loads((kept / "config.json").read_text())["optim"]["probe_epochs"] == 3  # set aside, not deleted
+    assert sorted(pd.read_csv(results / "table.csv").row) == ["a", "b"]
 
 
 def test_label_quality_scores_each_teachers_flip_averaged_labels_and_their_mean_against_the_folders(tmp_path):

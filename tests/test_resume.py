@@ -1,13 +1,39 @@
 """Crash safety: a run killed with SIGKILL mid-epoch continues in its own folder with --resume auto."""
 
 import json
+import subprocess
 
 import pandas as pd
 import pytest
+import torch
+from lightning.pytorch.plugins import TorchCheckpointIO
 
-from conftest import make_tree, recorded_run, train_args
+from conftest import PYTHON, REPO_ROOT, final_checkpoint, make_tree, recorded_run, train_args
 from detect_waste_cls.cli import main
-from detect_waste_cls.run_folder import forget_epochs_after
+from detect_waste_cls.run_folder import AtomicCheckpointIO, forget_epochs_after
+
+# Trains like the CLI, and SIGKILLs itself right after the first of the two end-of-epoch checkpoint writes of
+# epoch KILL_EPOCH (best-epoch=NN.ckpt, then last.ckpt), as a preempted job on a busy machine can be.
+KILLED_BETWEEN_CHECKPOINT_WRITES = """
+import os, signal, sys
+import lightning.pytorch as pl
+from detect_waste_cls.cli import build_parser, config_from_args
+from detect_waste_cls.train import train
+
+kill_epoch, argv = int(sys.argv[1]), sys.argv[2:]
+
+class KillAfterBestCheckpoint(pl.Callback):
+    def setup(self, trainer, pl_module, stage):
+        io = trainer.strategy.checkpoint_io
+        save = io.save_checkpoint
+        def save_then_kill(checkpoint, path, *args, **kwargs):
+            save(checkpoint, path, *args, **kwargs)
+            if os.path.basename(path).startswith("best-") and checkpoint["epoch"] == kill_epoch:
+                os.kill(os.getpid(), signal.SIGKILL)
+        io.save_checkpoint = save_then_kill
+
+train(config_from_args(build_parser().parse_args(argv), "simple-cnn"), callbacks=[KillAfterBestCheckpoint()])
+"""
 
 def read_draws(record):
     return [json.loads(line) for line in record.read_text().splitlines()]
@@ -67,3 +93,37 @@ def test_rows_logged_after_the_resumed_checkpoint_are_dropped(tmp_path):
     pd.DataFrame({"epoch": [0, 0, 1, 1, 2], "step": [3, 3, 7, 7, 11], "val/loss": [1.0, None, 0.8, None, 0.7]}).to_csv(log, index=False)
     forget_epochs_after(log, 1)
     assert pd.read_csv(log).epoch.tolist() == [0, 0, 1, 1]
+
+
+@pytest.mark.parametrize("epochs", [2, 1])  # 1: the kill lands at the end of the last epoch, nothing is left to train
+def test_a_run_killed_between_its_two_end_of_epoch_checkpoint_writes_resumes_and_finishes(tiny_tree, tmp_path, epochs):
+    run = tmp_path / "run"
+    args = train_args(tiny_tree, run, "--epochs", str(epochs))
+    killed = subprocess.run([PYTHON, "-c", KILLED_BETWEEN_CHECKPOINT_WRITES, "0", *args], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert (run / "checkpoints" / "best-epoch=00.ckpt").is_file() and not final_checkpoint(run).exists()
+
+    assert main(train_args(tiny_tree, run, "--epochs", str(epochs), "--resume", "auto")) == 0
+    log = pd.read_csv(run / "metrics.csv")
+    assert log.dropna(subset=["val/loss"]).epoch.tolist() == list(range(epochs))  # each epoch once
+    assert json.loads((run / "metrics.json").read_text())["num_images"] == 9
+    # last.ckpt (what is tested and exported) is the end of the run, as after a run never killed.
+    assert torch.load(final_checkpoint(run), weights_only=True)["epoch"] == epochs - 1
+
+
+def test_a_checkpoint_write_that_fails_midway_leaves_the_previous_file_whole(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"epoch": 0}, path)
+
+    def torn_write(self, checkpoint, target, storage_options=None):  # a full disk or a kill half-way through
+        target.write_bytes(b"half a checkpoint")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(TorchCheckpointIO, "save_checkpoint", torn_write)
+    with pytest.raises(OSError, match="No space left"):
+        AtomicCheckpointIO().save_checkpoint({"epoch": 1}, path)
+    with pytest.raises(OSError, match="No space left"):
+        AtomicCheckpointIO().save_checkpoint({"epoch": 0}, tmp_path / "checkpoints" / "best-epoch=00.ckpt")
+    assert torch.load(path, weights_only=True) == {"epoch": 0}
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]  # no torn best-*, no temporary left

@@ -37,8 +37,11 @@ def add_training_arguments(parser: argparse.ArgumentParser, default_model: str, 
                 options["metavar"] = item.name.upper() if meta["choices"] is None else None
             group.add_argument(*meta["flags"], **options)
     run = parser.add_argument_group("test mode")
-    run.add_argument("--mode", choices=("train", "test"), default=default_mode)
-    run.add_argument("--checkpoint", type=Path, default=None, help="checkpoint to score in test mode")
+    run.add_argument("--mode", choices=("train", "test"), default=default_mode,
+                     help="test: score --checkpoint on --data, a folder of class subfolders, instead of training "
+                          "(detect-waste-cls test is train --mode test)")
+    run.add_argument("--checkpoint", type=Path, default=None,
+                     help="the checkpoint or exported model folder to score in test mode")
 
 
 def field_help(item: dataclasses.Field, default) -> str:

@@ -75,8 +75,8 @@ class Range:
 
     def __str__(self) -> str:
         if self.high is None:
-            return f"{'>' if self.low_open else '>='} {self.low:g}"
-        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+            return f"{'>' if self.low_open else '>='} {self.low}"
+        return f"in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
 
 
 def at_least(low: float) -> Range:
@@ -122,6 +122,8 @@ def field_doc(item: dataclasses.Field, default: Any) -> tuple[str, str | None]:
         return meaning, explained.removesuffix(")")
     if default is None:
         return meaning, None
+    if isinstance(default, bool):
+        return meaning, "on" if default else "off"
     return meaning, " ".join(default) if isinstance(default, tuple) else str(default)
 
 
@@ -342,13 +344,14 @@ def as_flags(values: dict[str, dict[str, Any]], section_classes: dict[str, type]
 def recipe_help() -> str:
     sections = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig, "pseudo": PseudoConfig}
     return (
-        f"a named set of fields; flags and --config values given with it override them. distill: the recommended "
-        f"teacher-student setup (README: Pseudo-labeling), i.e. {as_flags(RECIPES['distill'], sections)}: three "
-        "converged probes label pseudolabel/, and the --model student fine-tunes from a probe fitted to their soft "
-        "labels as well as to the labeled split. At 5% of TrashNet's labels, 224 px, 3 seeds: 78.6 against 75.8 "
-        "supervised (+2.8), for about 4-10x a supervised run's time (27-52 minutes against 5-8 on 2 CPU cores; "
-        "docs/pseudo-labeling.md, experiments/results/README.md). In Python: TrainConfig.from_dict({'run': {'recipe': "
-        "'distill'}}) or TrainConfig().replace(run={'recipe': 'distill'}) (default: none)")
+        "one flag for a measured setup. distill: the recommended teacher student (README: Pseudo-labeling): three "
+        "converged probes (efficientnet-lite0, -lite1, -lite2) label pseudolabel/, and the --model student "
+        "fine-tunes from a probe fitted to the labeled split and their soft labels, then learns from those labels; "
+        f"it stands for {as_flags(RECIPES['distill'], sections)}, and flags or --config values given with it "
+        "override those. At 5% of TrashNet's labels, 224 px, 3 seeds: 78.6 against 75.8 supervised (+2.8), for about "
+        "4-10x a supervised run's time (27-52 minutes against 5-8 on 2 CPU cores; docs/pseudo-labeling.md, "
+        "experiments/results/README.md). In Python: TrainConfig.from_dict({'run': {'recipe': 'distill'}}) or "
+        "TrainConfig().replace(run={'recipe': 'distill'}) (default: none)")
 
 
 @dataclass(frozen=True)

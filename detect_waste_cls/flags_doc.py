@@ -1,5 +1,5 @@
 """docs/flags.md, written from the train command's parser, whose config flags come from the config's fields:
-`python -m detect_waste_cls.flags_doc > docs/flags.md` (tests/test_config.py fails when the file is stale)."""
+`python -m detect_waste_cls.flags_doc > docs/flags.md` (tests/test_config_values.py fails when the file is stale)."""
 
 import argparse
 import dataclasses

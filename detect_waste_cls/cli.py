@@ -9,7 +9,8 @@ import logging
 import sys
 from pathlib import Path
 
-from detect_waste_cls.config import DEFAULT_MODEL, ModelConfig, TrainConfig, field_type, merge, read_config_file
+from detect_waste_cls.config import (DEFAULT_MODEL, ModelConfig, TrainConfig, field_doc, field_type, merge,
+                                     read_config_file)
 from detect_waste_cls.errors import UserInputError
 
 
@@ -27,11 +28,8 @@ def add_training_arguments(parser: argparse.ArgumentParser, default_model: str, 
         group = parser.add_argument_group(section_name)
         for item in dataclasses.fields(section):
             meta, kind = item.metadata, field_type(type(section), item.name)
-            default = getattr(section, item.name)
-            shown = " ".join(default) if isinstance(default, tuple) else default
-            says_default = default is None or "(default:" in meta["help"]  # unset defaults explain themselves
             options = {"dest": f"{section_name}.{item.name}", "default": argparse.SUPPRESS,
-                       "help": meta["help"] if says_default else f"{meta['help']} (default: {shown})"}
+                       "help": field_help(item, getattr(section, item.name)).replace("%", "%%")}  # argparse formats %
             if kind is bool:
                 options["action"] = argparse.BooleanOptionalAction
             else:
@@ -39,8 +37,19 @@ def add_training_arguments(parser: argparse.ArgumentParser, default_model: str, 
                 options["metavar"] = item.name.upper() if meta["choices"] is None else None
             group.add_argument(*meta["flags"], **options)
     run = parser.add_argument_group("test mode")
-    run.add_argument("--mode", choices=("train", "test"), default=default_mode)
-    run.add_argument("--checkpoint", type=Path, default=None, help="checkpoint to score in test mode")
+    run.add_argument("--mode", choices=("train", "test"), default=default_mode,
+                     help="test: score --checkpoint on --data, a folder of class subfolders, instead of training "
+                          "(detect-waste-cls test is train --mode test)")
+    run.add_argument("--checkpoint", type=Path, default=None,
+                     help="the checkpoint or exported model folder to score in test mode")
+
+
+def field_help(item: dataclasses.Field, default) -> str:
+    """The field's help, then the range it must be in and its default."""
+    meaning, shown = field_doc(item, default)
+    notes = [f"must be {item.metadata['allowed']}"] if item.metadata["allowed"] else []
+    notes += [f"default: {shown}"] if shown is not None else []
+    return f"{meaning} ({'; '.join(notes)})" if notes else meaning
 
 
 def config_from_args(args: argparse.Namespace, default_model: str) -> TrainConfig:
@@ -108,7 +117,8 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
 def build_parser(default_model: str = DEFAULT_MODEL) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="detect-waste-cls", description="Waste-image classification with pseudo-labeling.")
     commands = parser.add_subparsers(dest="command", required=True)
-    add_training_arguments(commands.add_parser("train", help="train, then score the best checkpoint on test"),
+    add_training_arguments(commands.add_parser("train", help="train, then score the final checkpoint "
+                                                                   "(--final-checkpoint) on test"),
                            default_model, "train")
     add_training_arguments(commands.add_parser("test", help="score a checkpoint on a folder of class subfolders"),
                            default_model, "test")

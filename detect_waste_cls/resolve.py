@@ -30,8 +30,6 @@ def device_settings(run: RunConfig) -> dict:
             accelerator, devices = "gpu", run.gpus
     else:
         accelerator, devices = run.accelerator, int(run.devices) if str(run.devices).isdigit() else run.devices
-    if run.num_nodes < 1:
-        raise UserInputError(f"--num-nodes {run.num_nodes}: at least one machine")
     distributed = (isinstance(devices, int) and devices > 1) or run.num_nodes > 1
     return {"accelerator": accelerator, "devices": devices, "num_nodes": run.num_nodes,
             "strategy": "ddp" if distributed else "auto"}

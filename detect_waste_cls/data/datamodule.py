@@ -151,8 +151,6 @@ class WasteDataModule(pl.LightningDataModule):
         self.eval_batch_size = 4 * data.batch_size
         self.num_workers = data.num_workers if data.num_workers is not None else default_num_workers()
         self.weighted_sampler = data.weighted_sampler
-        if data.epoch_repeats <= 0:
-            raise UserInputError(f"--epoch-repeats {data.epoch_repeats}: must be above 0")
         self.epoch_repeats = data.epoch_repeats
         self.seed = seed
         self.pseudo_seed = seed + 1

@@ -25,6 +25,10 @@ BOX_COLUMNS = ("file_name", "image_id", "x", "y", "width", "height", "score", "c
 IMAGE_COLUMNS = ("image_id", "file_name", "width", "height")
 CORNER_COLUMNS = ("image_name", "x_min", "y_min", "x_max", "y_max")  # optional: class_name, score
 SHOWN_PROBLEMS = 5
+# The choices of `predict --boxes`, here rather than beside the torch code so the CLI builds its parser without torch:
+# what a result's score is, and whose categories number its category_id.
+SCORES = ("classifier", "detector", "product")
+CATEGORY_SOURCES = ("boxes", "model")
 # EXIF orientations that turn the stored image by 90 degrees: its upright width is the stored height.
 _SIDEWAYS_ORIENTATIONS = {5, 6, 7, 8}
 _EXIF_ORIENTATION = 0x0112
@@ -288,13 +292,13 @@ def _validated(path: Path, rows: list[dict], images_table: pd.DataFrame, categor
                images: Path | None, report: BoxReport, sizes: _ImageSizes | None = None) -> Boxes:
     """Keep the rows whose image is known (and, with `images`, readable at the size the file says) and whose box
     is valid and overlaps the image; name every other one in the report."""
-    declared = {row.file_name: (row.width, row.height) for row in images_table.itertuples()}
+    declared = {row.image_id: (row.width, row.height) for row in images_table.itertuples()}
     sizes = sizes or (_ImageSizes(images) if images is not None else None)
     kept = []
     for item in rows:
         reason, bbox, score = None, valid_xywh(item["bbox"]), _number(item["score"])
-        size = declared.get(item["file_name"], (math.nan, math.nan))
-        if item["file_name"] is None:
+        size = declared.get(item["image_id"], (math.nan, math.nan))
+        if item["file_name"] is None or item["image_id"] is None:  # not among the file's (or folder's) images
             reason = "unknown_image"
         elif bbox is None:
             reason = "invalid_box"

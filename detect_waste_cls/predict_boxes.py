@@ -144,8 +144,8 @@ def predict_boxes(boxes_file: str | Path, checkpoint: str | Path, images: str | 
     read = read_boxes(boxes_file, images=images, image_list=image_list, names=names)
     table = read.boxes
     _check_detector_scores(table, boxes_file, score, min_score)
-    model = load_model(checkpoint)
     geometry = resolve_geometry(checkpoint, square, zoom)
+    model = load_model(checkpoint)
     ids = category_ids(model.classes, read.categories, source=categories, boxes_file=boxes_file,
                        keep_background=keep_background)
     report = BoxPredictionReport(read.report, geometry)

@@ -107,8 +107,7 @@ def read_boxes(path: str | Path, *, images: str | Path | None = None, image_list
         if image_list is None:
             raise UserInputError(f"{path} holds COCO results: give the annotations file or image list their "
                                  "image_id values refer to")
-        known = read_image_list(Path(image_list))
-        return read_results(path, known.images, known.categories, images)
+        return read_results(path, *read_image_list(Path(image_list)), images)
     return _read_coco_annotations(path, content, images)
 
 
@@ -135,9 +134,9 @@ def read_results(path: Path, images_table: pd.DataFrame, categories: dict[int, s
     return _validated(path, rows, images_table, categories, images, report)
 
 
-def read_image_list(path: Path) -> Boxes:
-    """The images (and categories) that COCO results refer to: a COCO annotations file, or a CSV of
-    image_id,file_name[,width,height]."""
+def read_image_list(path: Path) -> tuple[pd.DataFrame, dict[int, str]]:
+    """The images (IMAGE_COLUMNS) and categories that COCO results refer to: a COCO annotations file, or a CSV
+    of image_id,file_name[,width,height] (no categories)."""
     if path.suffix.lower() == ".csv":
         table = _read_csv(path, ("image_id", "file_name"))
         for column in ("width", "height"):
@@ -146,11 +145,11 @@ def read_image_list(path: Path) -> Boxes:
         if table["image_id"].isna().any():
             raise UserInputError(f"{path}: every image_id must be a number")
         table["image_id"] = table["image_id"].astype(int)
-        return Boxes(_empty_boxes(), table[list(IMAGE_COLUMNS)], {}, BoxReport())
+        return table[list(IMAGE_COLUMNS)], {}
     content = load_json(path, "image list")
     if not isinstance(content, dict):
         raise UserInputError(f"{path} is not a COCO annotations file or a CSV of image_id,file_name")
-    return Boxes(_empty_boxes(), _coco_images(path, content), _coco_categories(path, content), BoxReport())
+    return _coco_images(path, content), _coco_categories(path, content)
 
 
 def load_json(path: Path, what: str) -> object:
@@ -392,7 +391,3 @@ def _existing_folder(folder: Path, what: str) -> Path:
     if not folder.is_dir():
         raise UserInputError(f"{what} not found: {folder}")
     return folder
-
-
-def _empty_boxes() -> pd.DataFrame:
-    return pd.DataFrame(columns=list(BOX_COLUMNS))

@@ -92,16 +92,21 @@ def photo_batches(box_counts: list[int], batch_size: int) -> list[list[int]]:
 
 def model_crop_geometry(model_path: Path) -> CropGeometry | None:
     """The geometry `prepare crop` recorded in the dataset the model was trained on (found through its run's
-    config.json), or None when that is not known."""
-    training = None if model_path.is_dir() else read_run_file(model_path, CONFIG_FILE)
+    config.json: a checkpoint's run, or a run folder), or None when that is not known (an exported folder's
+    config.json names no dataset)."""
+    if model_path.is_dir():
+        training = json.loads((model_path / CONFIG_FILE).read_text()) if (model_path / CONFIG_FILE).is_file() else None
+    else:
+        training = read_run_file(model_path, CONFIG_FILE)
     root = (training or {}).get("data", {}).get("root")
     if root is None:
         return None
     try:
-        images_square = resolve_images_square(root)
-    except UserInputError:  # the dataset moved or is gone
+        dataset = resolve_images_square(root).parent
+    except UserInputError:
+        log.warning("%s was trained on %s, which is not found from here: its crop geometry is unknown", model_path, root)
         return None
-    return recorded_geometry(images_square)
+    return recorded_geometry(dataset)
 
 
 def resolve_geometry(model_path: Path, square: bool | None, zoom: float | None) -> CropGeometry:
@@ -109,7 +114,7 @@ def resolve_geometry(model_path: Path, square: bool | None, zoom: float | None) 
     recorded = model_crop_geometry(model_path) if square is None or zoom is None else None
     if recorded is None and (square is None or zoom is None):
         raise UserInputError(f"no crop geometry is recorded for {model_path} (its dataset's "
-                             "images_square/crop_geometry.json, written by `prepare crop`): give --square or "
+                             "crop_geometry.json, written by `prepare crop`): give --square or "
                              "--no-square, and --zoom, as its training crops were cut")
     return CropGeometry(square=recorded.square if square is None else square,
                         zoom=recorded.zoom if zoom is None else zoom)

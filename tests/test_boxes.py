@@ -214,7 +214,7 @@ def test_same_box_gives_the_same_pixels_at_training_and_at_inference(tmp_path: P
     annotations = write_coco(tmp_path / "photos", photos=2)
     images = tmp_path / "photos" / "images"
     crop_coco(annotations, images, tmp_path / "data", square=True, zoom=1.4, mapping="none", split="pseudolabel")
-    geometry = recorded_geometry(tmp_path / "data" / "images_square")
+    geometry = recorded_geometry(tmp_path / "data")
     assert geometry == CropGeometry(square=True, zoom=1.4)
 
     boxes = read_boxes(annotations, images=images).boxes

@@ -12,7 +12,8 @@ import numpy as np
 
 from detect_waste_cls.errors import UserInputError
 
-# Beside the splits in images_square/: {split: {"square": bool, "zoom": float}} for every split `prepare crop` wrote.
+# In the dataset folder, beside its manifests: {split: {"square": bool, "zoom": float}} for every split
+# `prepare crop` wrote.
 GEOMETRY_FILE = "crop_geometry.json"
 
 
@@ -53,19 +54,19 @@ class CropGeometry:
         return pixels[top:bottom, left:right]
 
 
-def record_geometry(images_square: Path, split: str, geometry: CropGeometry) -> None:
+def record_geometry(dataset: Path, split: str, geometry: CropGeometry) -> None:
     """Note in the dataset which geometry the crops of `split` were cut with (other splits' entries are kept)."""
-    path = images_square / GEOMETRY_FILE
+    path = dataset / GEOMETRY_FILE
     recorded = json.loads(path.read_text()) if path.is_file() else {}
     recorded[split] = asdict(geometry)
     path.write_text(json.dumps(recorded, indent=2, sort_keys=True))
 
 
-def recorded_geometry(images_square: Path) -> CropGeometry | None:
+def recorded_geometry(dataset: Path) -> CropGeometry | None:
     """The geometry a dataset's crops were cut with, None if `prepare crop` made none of its splits.
 
     Splits cut differently would leave inference no single right answer, so that is an error."""
-    path = images_square / GEOMETRY_FILE
+    path = dataset / GEOMETRY_FILE
     if not path.is_file():
         return None
     try:
@@ -74,6 +75,6 @@ def recorded_geometry(images_square: Path) -> CropGeometry | None:
         raise UserInputError(f"{path} is not a crop geometry record: {error}") from None
     if len(set(geometries.values())) > 1:
         shown = "; ".join(f"{split}: {asdict(geometry)}" for split, geometry in sorted(geometries.items()))
-        raise UserInputError(f"the splits of {images_square} were cropped differently ({shown}): "
+        raise UserInputError(f"the splits of {dataset} were cropped differently ({shown}): "
                              "give --square/--no-square and --zoom")
     return next(iter(geometries.values()), None)

@@ -259,7 +259,7 @@ def crop_coco(
     zoom: float = 1.0, mapping: str | Path = "detectwaste", split: str = "train", overwrite: bool = False,
 ) -> CropReport:
     """Crop every mapped COCO box into `dst/images_square/<split>/<class>/<stem>_<annotation id><ext>`, and record
-    the crop geometry in `dst/images_square/crop_geometry.json`, where `predict --boxes` finds it."""
+    the crop geometry in `dst/crop_geometry.json`, where `predict --boxes` finds it."""
     annotations, images, dst = Path(annotations), Path(images), Path(dst)
     if split not in COCO_SPLITS:
         raise UserInputError(f"split must be one of {', '.join(COCO_SPLITS)}, got {split!r}")
@@ -286,7 +286,7 @@ def crop_coco(
     for image_id, boxes in boxes_by_image.items():
         flat = split == "pseudolabel"
         _crop_image(images, images_by_id[image_id], boxes, out_dir, flat, geometry, report)
-    record_geometry(dst / IMAGES_DIR, split, geometry)
+    record_geometry(dst, split, geometry)
     if report.skipped:
         skipped = sum(report.skipped.values())
         log.warning("skipped %d annotation(s) from %s: %s", skipped, annotations, report.skipped)

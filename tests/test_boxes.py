@@ -146,14 +146,16 @@ def test_every_malformed_row_in_each_format_is_counted_and_named(tmp_path: Path)
         {**good, "image_id": 9},                        # image file missing
         {**good, "image_id": 8},                        # size disagrees with the file
         {**good, "category_id": 5},                     # unknown category
+        {**good, "category_id": [1]},                   # not an id
+        {**good, "image_id": {"id": 1}},                # not an id
         "not an annotation",
     ]
     coco_file = tmp_path / "bad.json"
     coco_file.write_text(json.dumps(coco))
     read = read_boxes(coco_file, images=images)
     assert len(read.boxes) == 3
-    assert read.report.skipped == {"invalid_box": 3, "outside_image": 1, "unknown_image": 1, "missing_image": 1,
-                                   "image_size_mismatch": 1, "unknown_category": 1, "not_an_object": 1}
+    assert read.report.skipped == {"invalid_box": 3, "outside_image": 1, "unknown_image": 2, "missing_image": 1,
+                                   "image_size_mismatch": 1, "unknown_category": 2, "not_an_object": 1}
     assert (str(coco_file), "annotations[3]", "invalid_box") in read.report.problems
     assert "annotations[3]: invalid_box" in read.report.summary()
 

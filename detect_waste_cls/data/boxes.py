@@ -124,12 +124,12 @@ def read_results(path: Path, images_table: pd.DataFrame, categories: dict[int, s
         if not isinstance(item, dict):
             report.skip(path, row, "not_an_object")
             continue
-        category = item.get("category_id")
-        if category is not None and categories and category not in categories:
+        category, image_id = item.get("category_id"), _id(item.get("image_id"))
+        if category is not None and (_id(category) is None or (categories and category not in categories)):
             report.skip(path, row, "unknown_category")
             continue
         score = item.get("score")
-        rows.append(_raw_row(file_of.get(item.get("image_id")), item.get("image_id"), item.get("bbox"), row,
+        rows.append(_raw_row(file_of.get(image_id), image_id, item.get("bbox"), row,
                              score=math.nan if score is None else score, class_name=categories.get(category)))
     return _validated(path, rows, images_table, categories, images, report)
 
@@ -188,10 +188,11 @@ def _read_coco_annotations(path: Path, content: object, images: Path | None) -> 
         row = f"annotations[{number}]"
         if not isinstance(item, dict):
             report.skip(path, row, "not_an_object")
-        elif item.get("category_id") not in categories:
+        elif _id(item.get("category_id")) not in categories:
             report.skip(path, row, "unknown_category")
         else:
-            rows.append(_raw_row(file_of.get(item.get("image_id")), item.get("image_id"), item.get("bbox"), row,
+            image_id = _id(item.get("image_id"))
+            rows.append(_raw_row(file_of.get(image_id), image_id, item.get("bbox"), row,
                                  class_name=categories[item["category_id"]]))
     return _validated(path, rows, images_table, categories, images, report)
 
@@ -379,6 +380,11 @@ def _number(value: object) -> float | None:
     except (TypeError, ValueError):
         return None
     return number if math.isfinite(number) else None
+
+
+def _id(value: object) -> int | str | None:
+    """An image or category id as COCO writes them (a number or a string), else None."""
+    return value if isinstance(value, (int, str)) and not isinstance(value, bool) else None
 
 
 def _required(images: Path | None, what: str) -> Path:

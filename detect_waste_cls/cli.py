@@ -140,7 +140,8 @@ def build_parser(default_model: str = DEFAULT_MODEL) -> argparse.ArgumentParser:
     evaluate.add_argument("--ground-truth", type=Path, required=True,
                           help="ground-truth boxes with classes: COCO annotations, a corner CSV or a YOLO folder")
     evaluate.add_argument("--detections", type=Path, required=True,
-                          help="COCO results (e.g. from predict --boxes) with the ground truth's image and category ids")
+                          help="COCO results (e.g. from predict --boxes) with the ground truth's image and "
+                               "category ids")
     evaluate.add_argument("--images", type=Path, help="the image folder (needed for a CSV or YOLO ground truth)")
     evaluate.add_argument("--out", type=Path, required=True, help="folder to create (must not exist or be empty)")
     return parser

@@ -104,7 +104,8 @@ def model_crop_geometry(model_path: Path) -> CropGeometry | None:
     try:
         dataset = resolve_images_square(root).parent
     except UserInputError:
-        log.warning("%s was trained on %s, which is not found from here: its crop geometry is unknown", model_path, root)
+        log.warning("%s was trained on %s, which is not found from here: its crop geometry is unknown",
+                    model_path, root)
         return None
     return recorded_geometry(dataset)
 

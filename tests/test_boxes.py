@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -225,7 +224,8 @@ def test_same_box_gives_the_same_pixels_at_training_and_at_inference(tmp_path: P
     checked = 0
     for photo, (file_name, _) in enumerate(inference.photos):
         for position, crop in zip(*inference.crops(photo)):
-            saved = tmp_path / "data/images_square/pseudolabel" / f"{Path(file_name).stem}_{annotation_ids[position]}.png"
+            crops = tmp_path / "data" / "images_square" / "pseudolabel"
+            saved = crops / f"{Path(file_name).stem}_{annotation_ids[position]}.png"
             np.testing.assert_array_equal(np.asarray(Image.open(saved)), crop)
             checked += 1
     assert checked == 6

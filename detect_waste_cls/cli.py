@@ -1,5 +1,5 @@
 """The one command line, `detect-waste-cls <command>` (train, test, predict, export, app, prepare, select,
-label-studio); train_*.py call it with another default model."""
+label-studio, evaluate-boxes); train_*.py call it with another default model."""
 
 from __future__ import annotations
 
@@ -114,6 +114,30 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
                            "anything else (default: off, an existing folder is refused)")
 
 
+def add_box_arguments(group: argparse._ArgumentGroup) -> None:
+    from detect_waste_cls.data.boxes import CATEGORY_SOURCES, SCORES
+
+    group.add_argument("--boxes", type=Path, help="classify these boxes: COCO annotations or results .json, a corner "
+                                                  "CSV (image_name,x_min,y_min,x_max,y_max[,class_name][,score]) "
+                                                  "or a folder of YOLO .txt")
+    group.add_argument("--image-list", type=Path, help="for COCO results: the annotations file (or a CSV of "
+                                                       "image_id,file_name) their image ids refer to")
+    group.add_argument("--names", type=Path, help="for YOLO: data.yaml or a text file of class names")
+    group.add_argument("--score", choices=SCORES, default="classifier",
+                       help="each result's score: the classifier's confidence, the detector's score, or their "
+                            "product (default: classifier)")
+    group.add_argument("--min-score", type=float, help="leave out boxes the detector scored below this")
+    group.add_argument("--keep-background", action="store_true",
+                       help="keep the boxes the model calls background (dropped by default)")
+    group.add_argument("--categories", choices=CATEGORY_SOURCES, default="boxes",
+                       help="category ids: the box file's categories of the same names, or the model's classes "
+                            "numbered from 1 (default: boxes; model when the file has none)")
+    group.add_argument("--square", action=argparse.BooleanOptionalAction, default=None,
+                       help="crop geometry (default: what `prepare crop` recorded for the model's training data)")
+    group.add_argument("--zoom", type=float, default=None, help="crop geometry (default: as recorded, see --square)")
+    group.add_argument("--num-workers", type=int, default=0, help="DataLoader workers decoding photos")
+
+
 def build_parser(default_model: str = DEFAULT_MODEL) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="detect-waste-cls", description="Waste-image classification with pseudo-labeling.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -122,12 +146,15 @@ def build_parser(default_model: str = DEFAULT_MODEL) -> argparse.ArgumentParser:
                            default_model, "train")
     add_training_arguments(commands.add_parser("test", help="score a checkpoint on a folder of class subfolders"),
                            default_model, "test")
-    predict = commands.add_parser("predict", help="top-5 predictions for a folder of images")
+    predict = commands.add_parser("predict", help="top-5 predictions for a folder of images, or with --boxes a "
+                                                  "class for every box of a detector's output")
     predict.add_argument("--checkpoint", type=Path, required=True,
                          help="a .ckpt file, an exported model folder or a run folder")
     predict.add_argument("--images", type=Path, required=True, help="folder of images (searched recursively)")
-    predict.add_argument("--out", type=Path, required=True, help="CSV file to write (must not exist)")
+    predict.add_argument("--out", type=Path, required=True,
+                         help="CSV file to write (must not exist); with --boxes a COCO results .json, a CSV beside it")
     predict.add_argument("-b", "--batch-size", type=int, default=64)
+    add_box_arguments(predict.add_argument_group("boxes (the second stage of a detector)"))
     export = commands.add_parser("export", help="a checkpoint as a Hugging Face-style folder (safetensors, card, ONNX)")
     export.add_argument("--checkpoint", type=Path, required=True, help="a .ckpt file or a run folder")
     export.add_argument("--out", type=Path, required=True, help="folder to create (must not exist or be empty)")
@@ -141,6 +168,15 @@ def build_parser(default_model: str = DEFAULT_MODEL) -> argparse.ArgumentParser:
     add_label_studio_arguments(commands.add_parser(
         "label-studio", help="selection -> Label Studio tasks, the model's guess pre-selected; JSON export -> train/"))
     add_select_arguments(commands.add_parser("select", help="rank the pseudolabel images worth labeling next"))
+    evaluate = commands.add_parser("evaluate-boxes", help="COCO mAP and box-level accuracy of classified detections "
+                                                          "against ground-truth boxes")
+    evaluate.add_argument("--ground-truth", type=Path, required=True,
+                          help="ground-truth boxes with classes: COCO annotations, a corner CSV or a YOLO folder")
+    evaluate.add_argument("--detections", type=Path, required=True,
+                          help="COCO results (e.g. from predict --boxes) with the ground truth's image and "
+                               "category ids")
+    evaluate.add_argument("--images", type=Path, help="the image folder (needed for a CSV or YOLO ground truth)")
+    evaluate.add_argument("--out", type=Path, required=True, help="folder to create (must not exist or be empty)")
     return parser
 
 
@@ -250,10 +286,25 @@ def dispatch(args: argparse.Namespace, default_model: str) -> None:
         run_prepare(args)
     elif args.command == "label-studio":
         run_label_studio(args)
+    elif args.command == "predict" and args.boxes is not None:
+        from detect_waste_cls.predict_boxes import predict_boxes
+
+        report = predict_boxes(args.boxes, args.checkpoint, args.images, args.out, image_list=args.image_list,
+                               names=args.names, score=args.score, min_score=args.min_score,
+                               keep_background=args.keep_background, categories=args.categories,
+                               square=args.square, zoom=args.zoom, batch_size=args.batch_size,
+                               num_workers=args.num_workers)
+        print(f"{report.summary()}\nwrote {args.out} and {args.out.with_suffix('.csv')}")
     elif args.command == "predict":
         from detect_waste_cls.predict import predict_folder
 
         print(f"wrote {predict_folder(args.checkpoint, args.images, args.out, batch_size=args.batch_size)}")
+    elif args.command == "evaluate-boxes":
+        from detect_waste_cls.evaluate_boxes import evaluate_boxes
+
+        metrics = evaluate_boxes(args.ground_truth, args.detections, args.out, images=args.images)
+        print(f"mAP@0.5 {metrics['map_50']}, mAP@0.5:0.95 {metrics['map']}, box-level accuracy "
+              f"{metrics['box_accuracy']} on {metrics['matched']} matched boxes; results in {args.out}")
     elif args.command == "select":
         from detect_waste_cls.labeling.select import select_images
 

@@ -9,9 +9,7 @@ output), they stop before removing anything and list those files.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import random
 import shutil
@@ -23,6 +21,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from detect_waste_cls.data.boxes import load_json, valid_xywh
+from detect_waste_cls.data.crops import CropGeometry, record_geometry
 from detect_waste_cls.data.images import (IMAGE_EXTENSIONS, IMPORTS_MANIFEST, class_folders, load_rgb,
                                           read_imports_manifest, scan_images)
 from detect_waste_cls.errors import UserInputError
@@ -177,15 +177,6 @@ def _save_image(image: Image.Image, path: Path) -> None:
         image.save(path, lossless=True)  # PIL's default WebP is lossy
     else:
         image.save(path)
-
-
-def _load_json(path: Path, what: str) -> object:
-    if not path.is_file():
-        raise UserInputError(f"{what} not found: {path}")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise UserInputError(f"{what} {path} is not valid JSON: {error}") from error
 
 
 # ---------------------------------------------------------------- class folders -> splits
@@ -358,13 +349,13 @@ def crop_coco(
 ) -> CropReport:
     """Crop every mapped COCO box into `dst/images_square/<split>/<class>/<stem>_<annotation id><ext>`.
 
-    Lists the crops in `dst/manifest-crop-<split>.csv`: what `overwrite` may remove.
+    Lists the crops in `dst/manifest-crop-<split>.csv`, what `overwrite` may remove, and records the crop geometry
+    in `dst/crop_geometry.json`, where `predict --boxes` finds it.
     """
     annotations, images, dst = Path(annotations), Path(images), Path(dst)
     if split not in COCO_SPLITS:
         raise UserInputError(f"split must be one of {', '.join(COCO_SPLITS)}, got {split!r}")
-    if not (math.isfinite(zoom) and zoom > 0):
-        raise UserInputError(f"zoom must be a positive number, got {zoom}")
+    geometry = CropGeometry(square=square, zoom=zoom)
     if not images.is_dir():
         raise UserInputError(f"image folder not found: {images}")
     images_by_id, category_names, coco_annotations = _load_coco(annotations)
@@ -386,10 +377,11 @@ def crop_coco(
             boxes_by_image[annotation["image_id"]].append((annotation, cls))
     for image_id, boxes in boxes_by_image.items():
         flat = split == "pseudolabel"
-        _crop_image(images, images_by_id[image_id], boxes, out_dir, flat, square, zoom, report)
+        _crop_image(images, images_by_id[image_id], boxes, out_dir, flat, geometry, report)
     crops = pd.DataFrame(report.crops, columns=list(CROP_COLUMNS))
     crops["path"] = [Path(path).relative_to(dst).as_posix() for path in crops["path"]]
     crops.assign(split=split).to_csv(crop_manifest(dst, split), index=False)
+    record_geometry(dst, split, geometry)
     if report.skipped:
         skipped = sum(report.skipped.values())
         log.warning("skipped %d annotation(s) from %s: %s", skipped, annotations, report.skipped)
@@ -398,7 +390,7 @@ def crop_coco(
 
 
 def _load_coco(path: Path) -> tuple[dict, dict, list[dict]]:
-    coco = _load_json(path, "annotation file")
+    coco = load_json(path, "annotation file")
     try:
         images_by_id = {image["id"]: image for image in coco["images"] if image["file_name"]}
         category_names = {category["id"]: category["name"] for category in coco["categories"]}
@@ -414,7 +406,7 @@ def _resolve_mapping(mapping: str | Path, category_names, annotations: Path) -> 
     elif mapping == "none":
         pairs, source = {name: name for name in category_names}, annotations
     else:
-        pairs, source = _load_json(Path(mapping), "mapping file"), mapping
+        pairs, source = load_json(Path(mapping), "mapping file"), mapping
         if not isinstance(pairs, dict):
             raise UserInputError(f"mapping file {mapping} must hold a JSON object: category name -> class")
     folded: dict[str, str] = {}
@@ -427,7 +419,7 @@ def _resolve_mapping(mapping: str | Path, category_names, annotations: Path) -> 
 
 
 def _crop_image(images: Path, image: dict, boxes: list[tuple[dict, str]], out_dir: Path, flat: bool,
-                square: bool, zoom: float, report: CropReport) -> None:
+                geometry: CropGeometry, report: CropReport) -> None:
     path = images / image["file_name"]
     if not path.is_file():
         report.skip("missing_image", len(boxes))
@@ -446,42 +438,18 @@ def _crop_image(images: Path, image: dict, boxes: list[tuple[dict, str]], out_di
     # A crop must be findable by the training data scan, so odd formats are stored as PNG.
     suffix = path.suffix if path.suffix.lower() in IMAGE_EXTENSIONS else ".png"
     for annotation, cls in boxes:
-        box = _expand_box(annotation.get("bbox"), square, zoom)
-        clipped = _clip_box(box, width, height) if box else None
-        if box is None or clipped is None:
-            report.skip("invalid_box" if box is None else "outside_image")
+        bbox = valid_xywh(annotation.get("bbox"))
+        crop = geometry.crop(pixels, bbox) if bbox else None
+        if bbox is None or crop is None:
+            report.skip("invalid_box" if bbox is None else "outside_image")
             continue
         target = (out_dir if flat else out_dir / cls) / f"{path.stem}_{annotation.get('id')}{suffix}"
         if target.exists():  # a repeated annotation id must not replace an earlier crop
             report.skip("duplicate_annotation_id")
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
-        left, top, right, bottom = clipped
-        _save_image(Image.fromarray(pixels[top:bottom, left:right]), target)
+        _save_image(Image.fromarray(crop), target)
         report.crops.append({"source": str(path.absolute()), "annotation_id": annotation.get("id"), "class": cls,
                              "path": target})
         report.per_class[cls] = report.per_class.get(cls, 0) + 1
 
-
-def _expand_box(bbox: object, square: bool, zoom: float) -> tuple[float, float, float, float] | None:
-    """COCO [x, y, w, h] -> (left, top, right, bottom), zoomed and squared about its centre."""
-    try:
-        x, y, w, h = (float(value) for value in bbox)
-    except (TypeError, ValueError):
-        return None
-    if not all(math.isfinite(value) for value in (x, y, w, h)) or w <= 0 or h <= 0:
-        return None
-    centre_x, centre_y = x + w / 2, y + h / 2
-    w, h = w * zoom, h * zoom
-    if square:
-        w = h = max(w, h)
-    return centre_x - w / 2, centre_y - h / 2, centre_x + w / 2, centre_y + h / 2
-
-
-def _clip_box(box: tuple[float, ...], width: int, height: int) -> tuple[int, int, int, int] | None:
-    """Clip to the image, then round outwards so the crop holds every pixel the box touches."""
-    left, top, right, bottom = box
-    left, right = (min(max(value, 0.0), width) for value in (left, right))
-    top, bottom = (min(max(value, 0.0), height) for value in (top, bottom))
-    left, top, right, bottom = math.floor(left), math.floor(top), math.ceil(right), math.ceil(bottom)
-    return (left, top, right, bottom) if right > left and bottom > top else None

@@ -34,6 +34,8 @@ IMPORT_TARGET_RATIO = 1.2
 IMAGES = 10
 MODEL = "efficientnet-lite0"
 CLI = ["-m", "detect_waste_cls.cli"]
+# What every root pays alike: torch, and torch with Lightning, which imports torchmetrics and so torchvision's models.
+REFERENCES = {"import torch": "import torch", "import torch, lightning": "import torch, lightning.pytorch"}
 
 
 def write_images(folder: Path) -> Path:
@@ -78,61 +80,66 @@ def seconds(arguments: list[str], root: Path | None, run: int) -> float:
 
 
 def measure(roots: list[Path], repeats: int, work: Path) -> dict:
-    """{"import torch": [s, ...], root: {command: [s, ...]}}, the roots taking turns within each repeat."""
+    """{"references": {name: [s, ...]}, "roots": {root: {command: [s, ...]}}}, taking turns within each repeat."""
     sys.path.insert(0, str(roots[0]))  # the checkpoint is written by the first root's code
     table = commands(write_checkpoint(work / "model.ckpt"), write_images(work / "images"), work)
-    times: dict = {"import torch": [], **{str(root): {name: [] for name in table} for root in roots}}
+    times: dict = {"references": {name: [] for name in REFERENCES},
+                   "roots": {str(root): {name: [] for name in table} for root in roots}}
     run = 0
     for _ in range(repeats):
-        times["import torch"].append(seconds(["-c", "import torch"], None, run))
+        for name, code in REFERENCES.items():
+            times["references"][name].append(seconds(["-c", code], None, run))
         for root in roots:
             for name, arguments in table.items():
                 run += 1
-                times[str(root)][name].append(seconds(arguments, root, run))
+                times["roots"][str(root)][name].append(seconds(arguments, root, run))
     return times
 
 
-def report(times: dict, roots: list[Path], args) -> tuple[dict, str]:
-    torch_s = statistics.median(times["import torch"])
-    medians = {str(root): {name: statistics.median(values) for name, values in times[str(root)].items()}
-               for root in roots}
-    names = list(medians[str(roots[0])])
-    header = "| command | " + " | ".join(f"`{root}` (s)" for root in roots) + " |"
-    rows = [header, "|---" * (len(roots) + 1) + "|", f"| import torch | " + " | ".join([f"{torch_s:.2f}"] * len(roots)) + " |"]
-    for name in names:
-        rows.append(f"| {name} | " + " | ".join(f"{medians[str(root)][name]:.2f}" for root in roots) + " |")
-    ratio_rows = ["| ratio | " + " | ".join(f"`{root}`" for root in roots) + " |", "|---" * (len(roots) + 1) + "|"]
-    for name in ("import detect_waste_cls", f"predict {IMAGES} images"):
-        ratio_rows.append(f"| {name} / import torch | "
-                          + " | ".join(f"{medians[str(root)][name] / torch_s:.2f}x" for root in roots) + " |")
+def median(times: dict) -> dict:
+    """The nesting `measure` gives, each list of runs replaced by its median."""
+    return {key: median(value) if isinstance(value, dict) else statistics.median(value) for key, value in times.items()}
+
+
+def rounded(values):
+    """Seconds to the millisecond, in nested dicts and lists."""
+    if isinstance(values, dict):
+        return {key: rounded(value) for key, value in values.items()}
+    if isinstance(values, list):
+        return [rounded(value) for value in values]
+    return round(values, 3)
+
+
+def row(label: str, cells) -> str:
+    return f"| {label} | " + " | ".join(cells) + " |"
+
+
+def markdown(medians: dict, roots: list[Path], repeats: int) -> str:
+    references, per_root = medians["references"], medians["roots"]
+    torch_s = references["import torch"]
+    names, columns = list(per_root[str(roots[0])]), [f"`{root}`" for root in roots]
+    rule = "|---" * (len(roots) + 1) + "|"
     lines = [
-        f"`python benchmarks/cli_startup.py --roots {' '.join(map(str, roots))} --repeats {args.repeats}`",
-        "",
-        f"Median wall time of {args.repeats} runs, each a fresh Python; the roots took turns within each repeat, so "
-        "they saw the same load (other jobs shared the machine's cores). `import torch` ran once per repeat.",
-        "",
-        *rows, "", *ratio_rows, "",
+        f"`python benchmarks/cli_startup.py --roots {' '.join(map(str, roots))} --repeats {repeats}`", "",
+        f"Median wall time of {repeats} runs, each a fresh Python; the roots took turns within each repeat, so they "
+        "saw the same load (other jobs shared the machine's cores). The references ran once per repeat.", "",
+        row("seconds", columns), rule,
+        *(row(name, [f"{value:.2f}"] * len(roots)) for name, value in references.items()),
+        *(row(name, [f"{per_root[str(root)][name]:.2f}" for root in roots]) for name in names), "",
+        row("against import torch", columns), rule,
+        *(row(name, [f"{per_root[str(root)][name] / torch_s:.2f}x" for root in roots])
+          for name in ("import detect_waste_cls", f"predict {IMAGES} images")), "",
     ]
-    if len(roots) > 1:
-        baseline = medians[str(roots[0])]
-        for root in roots[1:]:
-            faster = ", ".join(f"{name} {baseline[name] / medians[str(root)][name]:.1f}x" for name in names)
-            lines.append(f"`{root}` against `{roots[0]}`: {faster} faster.")
-        lines.append("")
-    last = medians[str(roots[-1])]
+    baseline = per_root[str(roots[0])]
+    for root in roots[1:]:
+        faster = ", ".join(f"{name} {baseline[name] / per_root[str(root)][name]:.1f}x" for name in names)
+        lines.append(f"`{root}` against `{roots[0]}`: {faster} faster.")
+    last = per_root[str(roots[-1])]
     slowest_help = max(value for name, value in last.items() if name.endswith("--help"))
     lines.append(f"`{roots[-1]}`: slowest --help {slowest_help:.2f} s (target <= {HELP_TARGET_S:.0f} s); "
                  f"import detect_waste_cls {last['import detect_waste_cls'] / torch_s:.2f}x import torch "
                  f"(target <= {IMPORT_TARGET_RATIO}x).")
-    results = {"roots": list(map(str, roots)), "repeats": args.repeats, "images": IMAGES, "model": MODEL,
-               "import_torch_s": round(torch_s, 3),
-               "median_s": {root: {name: round(value, 3) for name, value in per_root.items()}
-                            for root, per_root in medians.items()},
-               "runs_s": {"import torch": [round(t, 3) for t in times["import torch"]],
-                          **{str(root): {name: [round(t, 3) for t in values] for name, values in times[str(root)].items()}
-                             for root in roots}},
-               "targets": {"help_s": HELP_TARGET_S, "import_ratio": IMPORT_TARGET_RATIO}}
-    return results, "\n".join(lines)
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -144,8 +151,11 @@ def main() -> None:
     roots = [root.resolve() for root in args.roots]
     with tempfile.TemporaryDirectory() as work:
         times = measure(roots, args.repeats, Path(work))
-    results, markdown = report(times, roots, args)
-    write_results("cli_startup", results, markdown)
+    medians = median(times)
+    results = {"roots": list(map(str, roots)), "repeats": args.repeats, "images": IMAGES, "model": MODEL,
+               "median_s": rounded(medians), "runs_s": rounded(times),
+               "targets": {"help_s": HELP_TARGET_S, "import_ratio": IMPORT_TARGET_RATIO}}
+    write_results("cli_startup", results, markdown(medians, roots, args.repeats))
 
 
 if __name__ == "__main__":

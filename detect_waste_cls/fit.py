@@ -35,8 +35,9 @@ from detect_waste_cls.tracking import NeptuneLogger, build_loggers, log_evaluati
 
 log = logging.getLogger(__name__)
 
-# What may differ between a run's command and the one that continues it with --resume auto.
-RESUME_FREE_FIELDS = {"resume", "out", "progress_bar", "verbose", "compile", "channels_last"}  # the last two only change speed
+# What may differ between a run's command and the one that continues it with --resume auto (the last two only
+# change speed).
+RESUME_FREE_FIELDS = {"resume", "out", "progress_bar", "verbose", "compile", "channels_last"}
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""What a run shows: a readable line per epoch, a clean stop when the loss stops being a number, and no library noise."""
+"""What a run shows: a readable line per epoch, a clean stop when the loss stops being a number, no library noise."""
 
 from __future__ import annotations
 

@@ -70,12 +70,13 @@ def commands(checkpoint: Path, images: Path, work: Path) -> dict[str, list[str]]
     }
 
 
-def seconds(arguments: list[str], root: Path | None, run: int) -> float:
-    """Wall time of one fresh `python ARGUMENTS` with PYTHONPATH=root (none: whatever is installed)."""
-    env = {**os.environ, "PYTHONPATH": str(root)} if root else dict(os.environ)
+def seconds(arguments: list[str], root: Path, run: int) -> float:
+    """Wall time of one fresh `python ARGUMENTS` that imports detect_waste_cls from `root`.
+
+    It runs in `root` too: `python -c` and `-m` put the working folder before PYTHONPATH on sys.path."""
     start = time.perf_counter()
-    subprocess.run([sys.executable, *(a.replace("{run}", str(run)) for a in arguments)], env=env, check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run([sys.executable, *(a.replace("{run}", str(run)) for a in arguments)], cwd=root, check=True,
+                   env={**os.environ, "PYTHONPATH": str(root)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.perf_counter() - start
 
 
@@ -88,7 +89,7 @@ def measure(roots: list[Path], repeats: int, work: Path) -> dict:
     run = 0
     for _ in range(repeats):
         for name, code in REFERENCES.items():
-            times["references"][name].append(seconds(["-c", code], None, run))
+            times["references"][name].append(seconds(["-c", code], work, run))
         for root in roots:
             for name, arguments in table.items():
                 run += 1

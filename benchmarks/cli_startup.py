@@ -3,7 +3,7 @@ against `import torch`.
 
     python benchmarks/cli_startup.py [--roots ROOT [ROOT ...]] [--repeats 5]
 
-Each ROOT is a checkout of the code (default: this one); every command runs in a fresh Python with PYTHONPATH=ROOT,
+Each ROOT is a checkout of the code (default: this one); every command runs in a fresh Python in ROOT, PYTHONPATH=ROOT,
 as `python -m detect_waste_cls.cli`, the same code as the installed `detect-waste-cls`. The roots take turns within
 each repeat, so that all of them see the same load from whatever else the machine runs. predict scores 10 images
 of 64 px with an efficientnet-lite0 checkpoint (random weights, 224 px) written once here, the same file for every

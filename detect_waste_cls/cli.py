@@ -181,12 +181,12 @@ def build_parser(default_model: str = DEFAULT_MODEL) -> argparse.ArgumentParser:
 
 
 def add_select_arguments(parser: argparse.ArgumentParser) -> None:
-    from detect_waste_cls.labeling.strategies import STRATEGIES
+    from detect_waste_cls.labeling import STRATEGY_NAMES
 
     parser.add_argument("--model", type=Path, required=True, help="a run folder, a .ckpt file or an exported folder")
     parser.add_argument("--data", type=Path, required=True, help="dataset root with images_square/{train,pseudolabel}")
     parser.add_argument("--budget", type=int, required=True, help="how many images to pick")
-    parser.add_argument("--strategy", choices=list(STRATEGIES), default="cluster-margin",
+    parser.add_argument("--strategy", choices=STRATEGY_NAMES, default="cluster-margin",
                         help="cluster-margin: the most uncertain image of each of --budget k-means clusters; "
                              "typiclust: one typical image per k-means cluster no labeled image is in; coreset: "
                              "k-center greedy; margin / entropy: the most uncertain; random (default: "

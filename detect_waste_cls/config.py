@@ -408,6 +408,8 @@ class RunConfig(_Section):
                            help="also log to Neptune (NEPTUNE_API_TOKEN from the environment; offline without one)")
     neptune_project: str | None = option(None, "--neptune-project", help="Neptune project (default: $NEPTUNE_PROJECT)")
     progress_bar: bool | None = option(None, "--progress-bar", help="progress bar (default: when stderr is a terminal)")
+    verbose: bool = option(False, "--verbose", help="also print Lightning's table of the model's layers and "
+                                                     "parameter counts before training")
 
     def resolved(self, *, on_gpu: bool, bf16_supported: bool) -> "RunConfig":
         """bf16 autocast where the run trains on a GPU that supports it."""

@@ -22,7 +22,7 @@ from detect_waste_cls.models.backbones import get_backbone
 from detect_waste_cls.models.classifier import LitterClassifier
 from detect_waste_cls.models.ema import EMATeacher
 from detect_waste_cls.models.probe import ConvergedProbe
-from detect_waste_cls.monitoring import EpochSummary, StopOnNonFiniteLoss
+from detect_waste_cls.monitoring import EpochSummary, StopOnNonFiniteLoss, hide_library_noise
 from detect_waste_cls.plots import plot_training_curves
 from detect_waste_cls.pseudo.callbacks import PseudoLabelRefresh
 from detect_waste_cls.pseudo.teachers import TeacherLabelCache
@@ -37,8 +37,8 @@ from detect_waste_cls.tracking import NeptuneLogger, build_loggers, log_evaluati
 log = logging.getLogger(__name__)
 
 # What may differ between a run's command and the one that continues it with --resume auto.
-# compile and channels_last only change speed; cache_dir only where reusable results are kept.
-RESUME_FREE_FIELDS = {"resume", "out", "progress_bar", "compile", "channels_last", "cache_dir"}
+# compile and channels_last only change speed; cache_dir only where reusable results are kept; verbose only output.
+RESUME_FREE_FIELDS = {"resume", "out", "progress_bar", "verbose", "compile", "channels_last", "cache_dir"}
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,7 @@ def fit_and_test(config: TrainConfig, callbacks: Sequence[pl.Callback] = (), run
 
     `teacher_labels`: where a student reads and writes its teachers' labels (train_rounds shares one per study).
     """
+    hide_library_noise()
     devices = device_settings(config.run)
     pl.seed_everything(config.run.seed, workers=True, verbose=False)
     model_entry = get_backbone(config.model.name)
@@ -134,6 +135,7 @@ def fit_and_test(config: TrainConfig, callbacks: Sequence[pl.Callback] = (), run
         log_every_n_steps=1,
         plugins=[AtomicCheckpointIO()],
         enable_progress_bar=config.run.progress_bar if config.run.progress_bar is not None else sys.stderr.isatty(),
+        enable_model_summary=config.run.verbose,
         **devices,
     )
     if trainer.is_global_zero and config.run.resume != RESUME_AUTO:  # a continued run keeps its config.json

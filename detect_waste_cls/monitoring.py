@@ -1,7 +1,9 @@
-"""Callbacks that watch a run: a readable line per epoch, and a clean stop when the loss stops being a number."""
+"""What a run shows: a readable line per epoch, a clean stop when the loss stops being a number, no library noise."""
 
 from __future__ import annotations
 
+import logging
+import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -9,6 +11,21 @@ import torch
 
 from detect_waste_cls.errors import UserInputError
 from detect_waste_cls.run_folder import LAST_CHECKPOINT
+
+LIGHTNING_INFO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
+
+
+def _not_a_tip(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("💡 Tip")
+
+
+def hide_library_noise() -> None:
+    """Lightning's tips (adverts for its cloud services) and a deprecation warning that Lightning's own code
+    triggers in torch: nothing a user can act on. Other warnings and Lightning's messages still show."""
+    for name in LIGHTNING_INFO_LOGGERS:
+        logging.getLogger(name).addFilter(_not_a_tip)  # once: a filter already there is not added again
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning)
 
 
 class EpochSummary(pl.Callback):

@@ -11,3 +11,15 @@ label_studio_server.py     a real Label Studio on localhost, in its own venv: fo
 None of these import Label Studio: it runs in its own virtualenv (scripts/label_studio_venv.sh), and
 the commands talk to it over HTTP or through files.
 """
+
+# Names the commands share, here where nothing is imported: the CLI's parser needs no numpy, and the label-studio
+# commands read and write selections without importing torch.
+# What `select --strategy` offers, each implemented in strategies.py as <name>_picks.
+STRATEGY_NAMES = ("random", "margin", "entropy", "coreset", "typiclust", "cluster-margin")
+# A selection, as `select` writes it and `label-studio export` reads it.
+SELECTION_CSV = "selection.csv"
+COLUMNS = ("path", "predicted", "confidence", "score", "rank", "source")
+# source: what a person is asked about the image
+PICKED = "select"  # an unlabeled image to label
+PSEUDO_REVIEW = "pseudo-review"  # an unlabeled image whose confident pseudo-label to accept or fix
+LABEL_ISSUE = "label-issue"  # a training image whose folder label cleanlab doubts

@@ -22,7 +22,7 @@ from xml.sax.saxutils import quoteattr
 
 from detect_waste_cls.data.images import class_folders, resolve_images_square
 from detect_waste_cls.errors import UserInputError, check_new_folder
-from detect_waste_cls.labeling.select import COLUMNS as SELECTION_COLUMNS, LABEL_ISSUE, PICKED, PSEUDO_REVIEW
+from detect_waste_cls.labeling import COLUMNS as SELECTION_COLUMNS, LABEL_ISSUE, PICKED, PSEUDO_REVIEW
 from detect_waste_cls.output_folder import new_output_folder
 
 # In task order: images picked for labeling first, then the reviews (confident pseudo-labels to accept or

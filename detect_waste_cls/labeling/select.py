@@ -25,6 +25,7 @@ from detect_waste_cls.data.datasets import ImageDataset
 from detect_waste_cls.data.images import keep_decodable, load_rgb, resolve_images_square, scan_labeled_folder
 from detect_waste_cls.errors import UserInputError, check_new_folder
 from detect_waste_cls.export import load_model
+from detect_waste_cls.labeling import COLUMNS, LABEL_ISSUE, PICKED, PSEUDO_REVIEW, SELECTION_CSV
 from detect_waste_cls.labeling.strategies import Pool, pick
 from detect_waste_cls.models.classifier import LitterClassifier
 from detect_waste_cls.models.flip import flip_averaged
@@ -32,12 +33,6 @@ from detect_waste_cls.output_folder import new_output_folder
 
 log = logging.getLogger(__name__)
 
-SELECTION_CSV = "selection.csv"
-COLUMNS = ("path", "predicted", "confidence", "score", "rank", "source")
-# source: what a person is asked about the image
-PICKED = "select"  # an unlabeled image to label
-PSEUDO_REVIEW = "pseudo-review"  # an unlabeled image whose confident pseudo-label to accept or fix
-LABEL_ISSUE = "label-issue"  # a training image whose folder label cleanlab doubts
 CONTACT_SHEET_LIMIT = 100  # thumbnails per sheet
 THUMBNAIL_SIDE = 128
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from detect_waste_cls.labeling import STRATEGY_NAMES
+
 TYPICALITY_NEIGHBOURS = 20  # TypiClust's k: typicality is the inverse mean distance to the k nearest neighbours
 MAX_CLUSTERS = 500  # TypiClust caps the clusters too: k-means beyond this costs more than it tells
 FULL_KMEANS_LIMIT = 20_000  # above this many images, mini-batch k-means
@@ -94,7 +96,7 @@ def coreset_picks(pool: Pool, budget: int, seed: int) -> Picks:
 
 
 def _kmeans(x: np.ndarray, clusters: int, seed: int) -> np.ndarray:
-    from sklearn.cluster import KMeans, MiniBatchKMeans  # here, so that the CLI can list STRATEGIES quickly
+    from sklearn.cluster import KMeans, MiniBatchKMeans  # here, so that importing this module stays cheap
 
     kind = KMeans if len(x) <= FULL_KMEANS_LIMIT else MiniBatchKMeans
     return kind(n_clusters=clusters, n_init=3, random_state=seed).fit_predict(x)
@@ -152,12 +154,7 @@ def cluster_margin_picks(pool: Pool, budget: int, seed: int) -> Picks:
 
 
 STRATEGIES: dict[str, Callable[[Pool, int, int], Picks]] = {
-    "random": random_picks,
-    "margin": margin_picks,
-    "entropy": entropy_picks,
-    "coreset": coreset_picks,
-    "typiclust": typiclust_picks,
-    "cluster-margin": cluster_margin_picks,
+    name: globals()[f"{name.replace('-', '_')}_picks"] for name in STRATEGY_NAMES
 }
 
 

@@ -9,9 +9,24 @@ import logging
 import sys
 from pathlib import Path
 
-from detect_waste_cls.config import (DEFAULT_MODEL, ModelConfig, TrainConfig, field_doc, field_type, merge,
-                                     read_config_file)
+from detect_waste_cls.config import (DEFAULT_MODEL, SEEDS, ModelConfig, Range, TrainConfig, above, at_least,
+                                     field_doc, field_type, merge, read_config_file)
 from detect_waste_cls.errors import UserInputError
+
+PORTS = Range(1, 65535)
+
+
+def number(kind: type, allowed: Range):
+    """An argparse type for the flags outside TrainConfig: a number in `allowed`, else argparse's one-line error
+    naming the flag, before any work."""
+    def parse(text: str):
+        value = kind(text)  # a ValueError becomes argparse's "invalid int value"
+        if value not in allowed:
+            raise argparse.ArgumentTypeError(f"{text}: must be {allowed}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def add_training_arguments(parser: argparse.ArgumentParser, default_model: str, default_mode: str) -> None:
@@ -81,12 +96,12 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
     split.add_argument("--keep-pseudo-labels", action="store_true",
                        help="keep class subfolders in pseudolabel/ (default: one flat folder, labels dropped)")
     split.add_argument("--square", action="store_true", help="pad images with black to squares (default: off)")
-    split.add_argument("--size", type=int, default=None,
+    split.add_argument("--size", type=number(int, at_least(1)), default=None,
                        help="resize so the longer side is this many px (default: keep the size)")
     mode = split.add_mutually_exclusive_group()
     mode.add_argument("--link", action="store_true", help="symlink to the sources instead of copying (default: copy)")
     mode.add_argument("--copy", dest="link", action="store_false", help="copy files (default)")
-    split.add_argument("--seed", type=int, default=0,
+    split.add_argument("--seed", type=number(int, SEEDS), default=0,
                        help="seed of the shuffle: the same seed gives the same split (default: %(default)s)")
     split.add_argument("--overwrite", action="store_true",
                        help="replace an earlier split in DST: removes only the files DST/manifest.csv lists, and stops "
@@ -101,7 +116,7 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
                       help="dataset folder to write: DST/images_square/SPLIT/<class>/ and DST/manifest-crop-SPLIT.csv, "
                            "which lists every crop written")
     crop.add_argument("--square", action="store_true", help="grow boxes to squares before cropping (default: off)")
-    crop.add_argument("--zoom", type=float, default=1.0,
+    crop.add_argument("--zoom", type=number(float, above(0)), default=1.0,
                       help="scale boxes about their centre, e.g. 1.2 for some context (default: %(default)s)")
     crop.add_argument("--mapping", default="detectwaste",
                       help="detectwaste (TACO categories -> the seven detect-waste classes), none (category names "
@@ -134,8 +149,10 @@ def add_box_arguments(group: argparse._ArgumentGroup) -> None:
                             "numbered from 1 (default: boxes; model when the file has none)")
     group.add_argument("--square", action=argparse.BooleanOptionalAction, default=None,
                        help="crop geometry (default: what `prepare crop` recorded for the model's training data)")
-    group.add_argument("--zoom", type=float, default=None, help="crop geometry (default: as recorded, see --square)")
-    group.add_argument("--num-workers", type=int, default=0, help="DataLoader workers decoding photos")
+    group.add_argument("--zoom", type=number(float, above(0)), default=None,
+                       help="crop geometry (default: as recorded, see --square)")
+    group.add_argument("--num-workers", type=number(int, at_least(0)), default=0,
+                       help="DataLoader workers decoding photos")
 
 
 def build_parser(default_model: str = DEFAULT_MODEL) -> argparse.ArgumentParser:
@@ -153,7 +170,7 @@ def build_parser(default_model: str = DEFAULT_MODEL) -> argparse.ArgumentParser:
     predict.add_argument("--images", type=Path, required=True, help="folder of images (searched recursively)")
     predict.add_argument("--out", type=Path, required=True,
                          help="CSV file to write (must not exist); with --boxes a COCO results .json, a CSV beside it")
-    predict.add_argument("-b", "--batch-size", type=int, default=64)
+    predict.add_argument("-b", "--batch-size", type=number(int, at_least(1)), default=64)
     add_box_arguments(predict.add_argument_group("boxes (the second stage of a detector)"))
     export = commands.add_parser("export", help="a checkpoint as a Hugging Face-style folder (safetensors, card, ONNX)")
     export.add_argument("--checkpoint", type=Path, required=True, help="a .ckpt file or a run folder")
@@ -163,7 +180,7 @@ def build_parser(default_model: str = DEFAULT_MODEL) -> argparse.ArgumentParser:
     app = commands.add_parser("app", help="a Streamlit page on localhost: upload a photo, see the top-5 classes")
     app.add_argument("--model", type=Path, required=True,
                      help="an exported folder, a .ckpt file, or a folder of runs to choose from")
-    app.add_argument("--port", type=int, default=8501)
+    app.add_argument("--port", type=number(int, PORTS), default=8501)
     add_prepare_arguments(commands.add_parser("prepare", help="build an images_square tree"))
     add_label_studio_arguments(commands.add_parser(
         "label-studio", help="selection -> Label Studio tasks, the model's guess pre-selected; JSON export -> train/"))
@@ -185,7 +202,7 @@ def add_select_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--model", type=Path, required=True, help="a run folder, a .ckpt file or an exported folder")
     parser.add_argument("--data", type=Path, required=True, help="dataset root with images_square/{train,pseudolabel}")
-    parser.add_argument("--budget", type=int, required=True, help="how many images to pick")
+    parser.add_argument("--budget", type=number(int, at_least(1)), required=True, help="how many images to pick")
     parser.add_argument("--strategy", choices=STRATEGY_NAMES, default="cluster-margin",
                         help="cluster-margin: the most uncertain image of each of --budget k-means clusters; "
                              "typiclust: one typical image per k-means cluster no labeled image is in; coreset: "
@@ -193,12 +210,12 @@ def add_select_arguments(parser: argparse.ArgumentParser) -> None:
                              "cluster-margin, +4.2 points over random at 100 labels on TrashNet, "
                              "experiments/results/select_study-5pct-224)")
     parser.add_argument("--out", type=Path, required=True, help="folder to create (must not exist or be empty)")
-    parser.add_argument("--review-per-class", type=int, default=0, metavar="K",
+    parser.add_argument("--review-per-class", type=number(int, at_least(0)), default=0, metavar="K",
                         help="also list the K most confident pseudo-labels of each class, to accept or fix")
     parser.add_argument("--label-issues", action="store_true",
                         help="also list the training images cleanlab finds likely mislabeled")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("-b", "--batch-size", type=int, default=64)
+    parser.add_argument("--seed", type=number(int, SEEDS), default=0)
+    parser.add_argument("-b", "--batch-size", type=number(int, at_least(1)), default=64)
 
 
 def add_label_studio_arguments(parser: argparse.ArgumentParser) -> None:

@@ -72,6 +72,9 @@ class Range:
         return f"in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
 
 
+SEEDS = Range(0, 2**32 - 1)  # what numpy's seeding takes
+
+
 def at_least(low: float) -> Range:
     return Range(low)
 
@@ -365,7 +368,7 @@ def recipe_help() -> str:
 class RunConfig(_Section):
     recipe: str | None = option(None, "--recipe", choices=tuple(RECIPES), help=recipe_help())
     out: str | None = option(None, "--out", help="run folder to create; must be new or empty (default: runs/<model>-<time>)")
-    seed: int = option(42, "--seed", allowed=Range(0, 2**32 - 1),
+    seed: int = option(42, "--seed", allowed=SEEDS,
                        help="seeds weights, splits, samplers and augmentation (per worker and rank)")
     gpus: int | None = option(None, "--gpus", allowed=at_least(0),
                               help="0 = CPU, 1 = one GPU, N > 1 = DDP on N GPUs; more than exist is an error")

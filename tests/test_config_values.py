@@ -158,3 +158,21 @@ def test_docs_flags_md_is_generated_from_the_config_and_lists_every_flag():
     for action in build_parser()._subparsers._group_actions[0].choices["train"]._actions:
         for flag in action.option_strings:
             assert f"`{flag}`" in text or flag in ("-h", "--help"), flag
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["predict", "--checkpoint", "m", "--images", "i", "--out", "o.csv", "-b", "0"], "-b/--batch-size: 0: must be >= 1"),
+    (["select", "--model", "m", "--data", "d", "--out", "o", "--budget", "0"], "--budget: 0: must be >= 1"),
+    (["select", "--model", "m", "--data", "d", "--out", "o", "--budget", "5", "--review-per-class", "-1"],
+     "--review-per-class: -1: must be >= 0"),
+    (["app", "--model", "m", "--port", "70000"], "--port: 70000: must be in [1, 65535]"),
+    (["prepare", "split", "--src", "s", "--dst", "d", "--size", "0"], "--size: 0: must be >= 1"),
+    (["prepare", "crop", "--annotations", "a.json", "--images", "i", "--dst", "d", "--zoom", "-1"],
+     "--zoom: -1: must be > 0"),
+])
+def test_a_bad_number_for_a_command_outside_the_config_is_refused_naming_the_flag(argv, message, capsys):
+    """The commands' own numbers (not TrainConfig fields) are checked by the parser, before any file is read."""
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2
+    assert message in capsys.readouterr().err

@@ -159,10 +159,12 @@ def test_a_linear_student_is_the_probe_fitted_to_its_teachers_labels_as_well(tmp
         return train(tiny_config(tiny_tree, tmp_path / name, optim={"finetune": "linear"},
                                  pseudo={"teacher": [teacher], "targets": "soft", "threshold": threshold}))
 
-    distilled, nothing_passes = student("distilled", 0.0), student("nothing-passes", 1.0 + 1e-6)
+    distilled, nothing_passes = student("distilled", 0.0), student("nothing-passes", 1.0)
     assert distilled.config.pseudo.distill_probe and distilled.config.pseudo.mode == "teacher"
     assert "train/loss" not in pd.read_csv(distilled.rounds[-1].run_dir / "metrics.csv")  # no epoch trained
-    # No label passes: the labeled probe exactly; every label counts: another head.
+    # At threshold 1 no label passes (none of this teacher's is certain): the labeled probe exactly; every label
+    # counts: another head.
+    assert pd.read_csv(distilled.rounds[-1].run_dir / "pseudo_labels.csv").confidence.max() < 1.0
     assert torch.allclose(head_of(nothing_passes.final_checkpoint), head_of(probe.final_checkpoint), atol=1e-4)
     assert not torch.allclose(head_of(distilled.final_checkpoint), head_of(probe.final_checkpoint), atol=1e-2)
     assert distilled.test_metrics["accuracy"] is not None

@@ -24,6 +24,7 @@ from detect_waste_cls.models.classifier import LitterClassifier
 
 log = logging.getLogger(__name__)
 
+
 def load_teachers(paths: Sequence[str], classes: Sequence[str]) -> list[LitterClassifier]:
     """Checkpoints or exported folders, each checked to know the data's classes in the data's order."""
     return [load_model(path, classes) for path in paths]

@@ -148,7 +148,8 @@ def add_box_arguments(group: argparse._ArgumentGroup) -> None:
                        help="category ids: the box file's categories of the same names, or the model's classes "
                             "numbered from 1 (default: boxes; model when the file has none)")
     group.add_argument("--square", action=argparse.BooleanOptionalAction, default=None,
-                       help="crop geometry (default: what `prepare crop` recorded for the model's training data)")
+                       help="crop geometry (default: what `prepare crop` recorded for the model's training data, "
+                            "kept in its config.json)")
     group.add_argument("--zoom", type=number(float, above(0)), default=None,
                        help="crop geometry (default: as recorded, see --square)")
     group.add_argument("--num-workers", type=number(int, at_least(0)), default=0,

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 from safetensors.torch import save_model as save_safetensors
 
 from detect_waste_cls import __version__
-from detect_waste_cls.config import ModelConfig
+from detect_waste_cls.config import RECORD_KEY, ModelConfig
+from detect_waste_cls.data.crops import GEOMETRY_KEY
 from detect_waste_cls.errors import UserInputError, check_new_folder
 from detect_waste_cls.models.backbones import in_our_names
 from detect_waste_cls.models.classifier import LitterClassifier, describe_calibration, load_classifier
@@ -148,6 +149,8 @@ def export_model(checkpoint: str | Path, out: str | Path, *, onnx: bool = False,
         "calibration": model.calibration,  # the validation images the temperature was fitted on, or why it is 1
         "input": "RGB, resized to image_size x image_size, scaled to [0, 1], then (x - mean) / std",
     }
+    if (crop_geometry := (training or {}).get(RECORD_KEY, {}).get(GEOMETRY_KEY)) is not None:
+        config[GEOMETRY_KEY] = crop_geometry  # what `predict --boxes` cuts a detector's boxes with
     if onnx:
         config["onnx_output"] = "logits already divided by temperature: softmax gives calibrated probabilities"
     with new_output_folder(out) as folder:
@@ -287,6 +290,10 @@ def model_card(config: dict, metrics: dict | None, training: dict | None, timm_n
             f"Trained by detect-waste-cls {config['version']} on `{data['root']}` ({data['image_size']} px, "
             f"{optim['epochs']} epochs, fine-tuning {optim['finetune']}, pseudo-labeling {pseudo['mode']}); "
             f"the run's full config is replayable with `--config`.")
+    if GEOMETRY_KEY in config:
+        geometry = config[GEOMETRY_KEY]
+        lines.append(f"Its images were crops of boxes (square {geometry['square']}, zoom {geometry['zoom']:g}); "
+                     "`detect-waste-cls predict --boxes` cuts a detector's boxes the same way.")
     lines += [
         "",
         "## Intended use and limits",

@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from detect_waste_cls.calibration import calibrate_checkpoint
 from detect_waste_cls.config import RESUME_AUTO, TrainConfig, read_config_file
+from detect_waste_cls.data.crops import CropGeometry, recorded_geometry
 from detect_waste_cls.data.datamodule import WasteDataModule
 from detect_waste_cls.errors import UserInputError
 from detect_waste_cls.evaluate import evaluate_folder, format_report
@@ -50,6 +51,16 @@ class RunResult:
     final_checkpoint: Path | None = None
     test_metrics: dict | None = None  # metrics.json, when there is a test split
     rounds: tuple["RunResult", ...] = ()  # teacher mode: each round's own result (round 0's teachers first)
+
+
+def training_crop_geometry(datamodule: WasteDataModule) -> CropGeometry | None:
+    """The geometry `prepare crop` cut the training data with, if it did: the run records it so the model keeps it
+    when the dataset moves or is exported. A dataset whose splits were cut differently trains, with no record."""
+    try:
+        return recorded_geometry(datamodule.layout.root.parent)
+    except UserInputError as error:
+        log.warning("%s; the run records no crop geometry", error)
+        return None
 
 
 def continued_run_dir(config: TrainConfig) -> tuple[Path, Path]:
@@ -139,7 +150,8 @@ def fit_and_test(config: TrainConfig, callbacks: Sequence[pl.Callback] = (), run
         **devices,
     )
     if trainer.is_global_zero and config.run.resume != RESUME_AUTO:  # a continued run keeps its config.json
-        write_config(run_dir / "config.json", config, classes=datamodule.classes)
+        write_config(run_dir / "config.json", config, classes=datamodule.classes,
+                     crop_geometry=training_crop_geometry(datamodule))
     with shared_run_dir(run_dir):
         trainer.fit(model, datamodule=datamodule, ckpt_path=resume_from)
     if probe_only:

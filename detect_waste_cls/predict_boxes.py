@@ -15,12 +15,13 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from detect_waste_cls.config import RECORD_KEY
 from detect_waste_cls.data import batch as keys
 from detect_waste_cls.data.boxes import CATEGORY_SOURCES, SCORES, BoxReport, read_boxes
-from detect_waste_cls.data.crops import CropGeometry, recorded_geometry
+from detect_waste_cls.data.crops import GEOMETRY_KEY, CropGeometry, geometry_from_record, recorded_geometry
 from detect_waste_cls.data.images import load_rgb, resolve_images_square
 from detect_waste_cls.errors import UserInputError
-from detect_waste_cls.export import CONFIG_FILE, _CalibratedLogits, load_model, read_run_file
+from detect_waste_cls.export import CONFIG_FILE, _CalibratedLogits, load_model, one_model, read_run_file
 from detect_waste_cls.models.flip import flip_averaged
 
 log = logging.getLogger(__name__)
@@ -91,14 +92,18 @@ def photo_batches(box_counts: list[int], batch_size: int) -> list[list[int]]:
 
 
 def model_crop_geometry(model_path: Path) -> CropGeometry | None:
-    """The geometry `prepare crop` recorded in the dataset the model was trained on (found through its run's
-    config.json: a checkpoint's run, or a run folder), or None when that is not known (an exported folder's
-    config.json names no dataset)."""
-    if model_path.is_dir():
-        training = json.loads((model_path / CONFIG_FILE).read_text()) if (model_path / CONFIG_FILE).is_file() else None
+    """The geometry the model's training crops were cut with: the model's own record (its run's config.json, or an
+    exported folder's), else the one `prepare crop` left in the dataset its run names (runs from before the record);
+    None when neither is known."""
+    model_path = one_model(model_path)
+    if model_path.is_dir():  # an exported folder: it names no dataset
+        recorded, run_config = json.loads((model_path / CONFIG_FILE).read_text()).get(GEOMETRY_KEY), {}
     else:
-        training = read_run_file(model_path, CONFIG_FILE)
-    root = (training or {}).get("data", {}).get("root")
+        run_config = read_run_file(model_path, CONFIG_FILE) or {}
+        recorded = run_config.get(RECORD_KEY, {}).get(GEOMETRY_KEY)
+    if recorded is not None:
+        return geometry_from_record(recorded, f"the {GEOMETRY_KEY} recorded for {model_path}")
+    root = run_config.get("data", {}).get("root")
     if root is None:
         return None
     try:
@@ -114,8 +119,8 @@ def resolve_geometry(model_path: Path, square: bool | None, zoom: float | None) 
     """The flags where given, else what the model's training crops were cut with."""
     recorded = model_crop_geometry(model_path) if square is None or zoom is None else None
     if recorded is None and (square is None or zoom is None):
-        raise UserInputError(f"no crop geometry is recorded for {model_path} (its dataset's "
-                             "crop_geometry.json, written by `prepare crop`): give --square or "
+        raise UserInputError(f"no crop geometry is recorded for {model_path} (in its config.json, or its "
+                             "dataset's crop_geometry.json, written by `prepare crop`): give --square or "
                              "--no-square, and --zoom, as its training crops were cut")
     return CropGeometry(square=recorded.square if square is None else square,
                         zoom=recorded.zoom if zoom is None else zoom)

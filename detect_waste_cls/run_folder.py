@@ -8,6 +8,7 @@ import os
 import shutil
 from collections.abc import Sequence
 from contextlib import contextmanager
+from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from lightning.pytorch.plugins import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_only
 
 from detect_waste_cls.config import RECORD_KEY, TrainConfig
+from detect_waste_cls.data.crops import GEOMETRY_KEY, CropGeometry
 from detect_waste_cls.errors import UserInputError, check_new_folder
 from detect_waste_cls.models.backbones import load_torch_file
 
@@ -162,9 +164,12 @@ def check_resume_checkpoint(checkpoint: str | Path, classes: Sequence[str], mode
     return contents["epoch"]
 
 
-def write_config(path: Path, config: TrainConfig, *, classes: Sequence[str] | None = None) -> None:
-    """The resolved config, plus facts for people under RECORD_KEY (ignored when the file is read back)."""
+def write_config(path: Path, config: TrainConfig, *, classes: Sequence[str] | None = None,
+                 crop_geometry: CropGeometry | None = None) -> None:
+    """The resolved config, plus facts under RECORD_KEY (ignored when the file is read back as a config): for
+    people, and the crop geometry of the training data, which `predict --boxes` and `export` take from here."""
     record = {**({"classes": list(classes)} if classes is not None else {}),
+              **({GEOMETRY_KEY: asdict(crop_geometry)} if crop_geometry is not None else {}),
               "versions": {"torch": torch.__version__, "lightning": lightning.__version__},
               "written": datetime.now().isoformat(timespec="seconds")}
     path.write_text(json.dumps({**config.to_dict(), RECORD_KEY: record}, indent=2))

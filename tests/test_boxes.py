@@ -307,6 +307,9 @@ def test_predict_boxes_refuses_what_it_cannot_do_before_any_work(trained, tmp_pa
         predict_boxes(annotations, checkpoint, images, tmp_path / "r.json", score="detector")
     exported = tmp_path / "exported"
     assert main(["export", "--checkpoint", str(checkpoint), "--out", str(exported)]) == 0
+    config = json.loads((exported / "config.json").read_text())
+    del config["crop_geometry"]  # as a model trained on whole photos has none
+    (exported / "config.json").write_text(json.dumps(config))
     with pytest.raises(UserInputError, match="--square or --no-square, and --zoom"):
         predict_boxes(annotations, exported, images, tmp_path / "r.json")
     other = json.loads(annotations.read_text())
@@ -320,6 +323,57 @@ def test_predict_boxes_refuses_what_it_cannot_do_before_any_work(trained, tmp_pa
                            square=True, zoom=1.25, keep_background=True)
     assert report.written == 30
     assert {r["category_id"] for r in json.loads((tmp_path / "r.json").read_text())} <= {1, 2, 3}
+
+
+MOVED_GEOMETRY = CropGeometry(square=False, zoom=1.5)
+
+
+@pytest.fixture(scope="module")
+def moved_dataset(tmp_path_factory):
+    """A simple-cnn trained on `prepare crop` output, whose dataset folder was then renamed;
+    (annotations, images, run folder, the dataset's new place)."""
+    root = tmp_path_factory.mktemp("moved")
+    annotations = write_coco(root / "photos", photos=6)
+    crop_coco(annotations, root / "photos" / "images", root / "data", square=MOVED_GEOMETRY.square,
+              zoom=MOVED_GEOMETRY.zoom, mapping="none", split="train")
+    assert main(train_args(root / "data", root / "run", "--epochs", "1")) == 0
+    (root / "data").rename(root / "renamed")
+    return annotations, root / "photos" / "images", root / "run", root / "renamed"
+
+
+def assert_classifies_the_prepared_crops(model_path: Path, moved_dataset, out: Path) -> None:
+    """predict --boxes without geometry flags classifies each box as the model classifies prepare crop's own crop
+    of it (a PNG, so the same pixels)."""
+    annotations, images, _, dataset = moved_dataset
+    assert main(["predict", "--boxes", str(annotations), "--checkpoint", str(model_path), "--images", str(images),
+                 "--out", str(out), "--keep-background"]) == 0
+    records = {(r["image_id"], tuple(r["bbox"])): r for r in json.loads(out.read_text())}
+    boxes = {a["id"]: (a["image_id"], tuple(a["bbox"])) for a in json.loads(annotations.read_text())["annotations"]}
+    crops = pd.read_csv(dataset / "manifest-crop-train.csv")
+    assert len(records) == len(boxes) == len(crops) == 18
+    model = load_model(model_path)
+    prepared = [np.asarray(Image.open(dataset / path).convert("RGB")) for path in crops["path"]]
+    expected = model.predict_images(prepared, flip_tta=True).numpy()
+    got = [list(records[boxes[annotation_id]]["class_probabilities"].values()) for annotation_id in
+           crops["annotation_id"]]
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_a_model_whose_dataset_moved_predicts_boxes_with_its_recorded_geometry(moved_dataset, tmp_path: Path,
+                                                                              capsys) -> None:
+    run = moved_dataset[2]
+    assert_classifies_the_prepared_crops(run, moved_dataset, tmp_path / "results.json")
+    assert "cropped with square False, zoom 1.5" in capsys.readouterr().out
+    assert json.loads((run / "config.json").read_text())["recorded"]["crop_geometry"] == {"square": False,
+                                                                                          "zoom": 1.5}
+
+
+def test_an_exported_model_predicts_boxes_with_its_recorded_geometry(moved_dataset, tmp_path: Path) -> None:
+    exported = tmp_path / "exported"
+    assert main(["export", "--checkpoint", str(moved_dataset[2]), "--out", str(exported)]) == 0
+    assert_classifies_the_prepared_crops(exported, moved_dataset, tmp_path / "results.json")
+    assert json.loads((exported / "config.json").read_text())["crop_geometry"] == {"square": False, "zoom": 1.5}
+    assert "square False, zoom 1.5" in (exported / "README.md").read_text()
 
 
 # ---------------------------------------------------------------- evaluate-boxes

@@ -15,6 +15,9 @@ from detect_waste_cls.errors import UserInputError
 # In the dataset folder, beside its manifests: {split: {"square": bool, "zoom": float}} for every split
 # `prepare crop` wrote.
 GEOMETRY_FILE = "crop_geometry.json"
+# The key of the geometry a model was trained with, {"square": bool, "zoom": float}: under the run's config.json's
+# record (run_folder.write_config) and in an exported folder's config.json.
+GEOMETRY_KEY = "crop_geometry"
 
 
 @dataclass(frozen=True)
@@ -70,11 +73,20 @@ def recorded_geometry(dataset: Path) -> CropGeometry | None:
     if not path.is_file():
         return None
     try:
-        geometries = {split: CropGeometry(**values) for split, values in json.loads(path.read_text()).items()}
-    except (json.JSONDecodeError, TypeError, AttributeError) as error:
-        raise UserInputError(f"{path} is not a crop geometry record: {error}") from None
+        geometries = {split: geometry_from_record(values, path)
+                      for split, values in json.loads(path.read_text()).items()}
+    except (json.JSONDecodeError, AttributeError) as error:
+        raise UserInputError(f"{path}: not a crop geometry record ({error})") from None
     if len(set(geometries.values())) > 1:
         shown = "; ".join(f"{split}: {asdict(geometry)}" for split, geometry in sorted(geometries.items()))
         raise UserInputError(f"the splits of {dataset} were cropped differently ({shown}): "
                              "give --square/--no-square and --zoom")
     return next(iter(geometries.values()), None)
+
+
+def geometry_from_record(values: object, source: str | Path) -> CropGeometry:
+    """A geometry as written by `asdict`, read back from `source` (named in the error when it is not one)."""
+    try:
+        return CropGeometry(**values)
+    except (TypeError, UserInputError) as error:
+        raise UserInputError(f"{source}: not a crop geometry record ({error})") from None

@@ -166,7 +166,7 @@ def export_model(checkpoint: str | Path, out: str | Path, *, onnx: bool = False,
     return out
 
 
-class _CalibratedLogits(torch.nn.Module):
+class CalibratedLogits(torch.nn.Module):
     """What model.onnx computes: logits / temperature."""
 
     def __init__(self, model: LitterClassifier):
@@ -214,7 +214,7 @@ def export_onnx(model: LitterClassifier, path: Path) -> Path:
     """model.onnx with a dynamic batch size, checked against PyTorch with onnxruntime on a batch of 2."""
     import onnxruntime  # export_model checked it is there (require_onnx) before writing anything
 
-    wrapped = _CalibratedLogits(model).eval()
+    wrapped = CalibratedLogits(model).eval()
     example = torch.randn(2, 3, model.image_size, model.image_size)
     torch.onnx.export(
         wrapped, (example,), str(path), input_names=["images"], output_names=["logits"],

@@ -21,7 +21,7 @@ from detect_waste_cls.data.boxes import CATEGORY_SOURCES, SCORES, BoxReport, rea
 from detect_waste_cls.data.crops import GEOMETRY_KEY, CropGeometry, geometry_from_record, recorded_geometry
 from detect_waste_cls.data.images import load_rgb, resolve_images_square
 from detect_waste_cls.errors import UserInputError
-from detect_waste_cls.export import CONFIG_FILE, _CalibratedLogits, load_model, one_model, read_run_file
+from detect_waste_cls.export import CONFIG_FILE, CalibratedLogits, load_model, one_model, read_run_file
 from detect_waste_cls.models.flip import flip_averaged
 
 log = logging.getLogger(__name__)
@@ -209,7 +209,7 @@ def _classify(model, table: pd.DataFrame, images: Path, geometry: CropGeometry, 
     dataset = PhotoCrops(images, table, geometry, model.eval_view(), model.image_size)
     batches = photo_batches([len(positions) for _, positions in dataset.photos], batch_size)
     loader = DataLoader(dataset, batch_sampler=batches, collate_fn=_concatenate, num_workers=num_workers)
-    outputs = flip_averaged(_CalibratedLogits(model), loader, num_classes=len(model.classes))
+    outputs = flip_averaged(CalibratedLogits(model), loader, num_classes=len(model.classes))
     by_row = torch.full((len(table), len(model.classes)), math.nan)
     by_row[outputs.indices] = outputs.probabilities
     return by_row

@@ -4,7 +4,6 @@ LBFGS, stored in the checkpoint; and the expected calibration error (ECE) that j
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -17,6 +16,7 @@ from detect_waste_cls.models.backbones import load_torch_file
 from detect_waste_cls.models.classifier import (
     CALIBRATION_KEY, describe_calibration, load_classifier, temperature_scaled,
 )
+from detect_waste_cls.run_folder import AtomicCheckpointIO
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +85,7 @@ def calibrate_checkpoint(checkpoint: str | Path, loader: DataLoader, targets: to
     summary = {**calibration_summary(logits, targets, temperature), "images": len(targets), "fitted": fitted}
     contents = load_torch_file(checkpoint, "checkpoint")
     contents[CALIBRATION_KEY] = summary
-    partial = checkpoint.with_name(checkpoint.name + ".partial")
-    torch.save(contents, partial)
-    os.replace(partial, checkpoint)  # a crash leaves the old file whole, never half of the new one
+    AtomicCheckpointIO().save_checkpoint(contents, checkpoint)  # a crash leaves the old file whole
     if fitted:
         log.info("calibration: %s (validation ECE %.4f -> %.4f)", describe_calibration(summary),
                  summary["ece_uncalibrated"], summary["ece"])

@@ -27,8 +27,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import write_results  # noqa: E402
 
-from detect_waste_cls.data.datamodule import scan_pseudolabel_folder  # noqa: E402
-from detect_waste_cls.data.images import is_readable_image  # noqa: E402
+from detect_waste_cls.data.images import is_readable_image, scan_pseudolabel_folder  # noqa: E402
 from detect_waste_cls.pseudo.store import PseudoLabelStore  # noqa: E402
 
 CLASSES = ("glass", "metal", "paper")

@@ -11,12 +11,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from torchmetrics.functional.classification import multiclass_calibration_error
 
+from detect_waste_cls.checkpoint_io import AtomicCheckpointIO
 from detect_waste_cls.config import MIN_CALIBRATION_IMAGES
 from detect_waste_cls.models.backbones import load_torch_file
-from detect_waste_cls.models.classifier import (
-    CALIBRATION_KEY, describe_calibration, load_classifier, temperature_scaled,
-)
-from detect_waste_cls.run_folder import AtomicCheckpointIO
+from detect_waste_cls.models.inference import CALIBRATION_KEY, describe_calibration, load_checkpoint, temperature_scaled
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +75,7 @@ def calibrate_checkpoint(checkpoint: str | Path, loader: DataLoader, targets: to
     confidences worse. The record says how many images there were and whether the temperature was fitted.
     """
     checkpoint = Path(checkpoint)
-    model = load_classifier(checkpoint).to(device)
+    model = load_checkpoint(checkpoint).to(device)
     logits, indices = model.predict_logits(loader)
     targets = torch.as_tensor(targets)[indices]
     fitted = len(targets) >= MIN_CALIBRATION_IMAGES

@@ -18,7 +18,7 @@ from torchmetrics.functional.classification import (
 from detect_waste_cls.calibration import ECE_BINS, calibration_summary
 from detect_waste_cls.data.images import keep_decodable, resolve_test_folder, scan_labeled_folder
 from detect_waste_cls.export import load_model
-from detect_waste_cls.models.classifier import describe_calibration, temperature_scaled
+from detect_waste_cls.models.inference import describe_calibration, temperature_scaled
 from detect_waste_cls.plots import plot_confusion, plot_reliability
 from detect_waste_cls.predict import path_logits, path_probabilities_with_flip
 

@@ -14,11 +14,11 @@ from safetensors.torch import load_file
 from safetensors.torch import save_model as save_safetensors
 
 from detect_waste_cls import __version__
-from detect_waste_cls.config import RECORD_KEY, ModelConfig
+from detect_waste_cls.config import RECORD_KEY
 from detect_waste_cls.data.crops import GEOMETRY_KEY
 from detect_waste_cls.errors import UserInputError, check_new_folder
 from detect_waste_cls.models.backbones import in_our_names
-from detect_waste_cls.models.classifier import LitterClassifier, describe_calibration, load_classifier
+from detect_waste_cls.models.inference import TrainedClassifier, describe_calibration, load_checkpoint
 from detect_waste_cls.output_folder import new_output_folder
 from detect_waste_cls.run_folder import run_checkpoint
 
@@ -77,35 +77,34 @@ def one_model(path: str | Path) -> Path:
     return choices[0].path
 
 
-def load_model(path: str | Path, classes: Sequence[str] | None = None, classes_of: str = "the data") -> LitterClassifier:
-    """A ready-to-predict model from a checkpoint file, an exported folder or a run folder, in the channels-last
-    layout.
+def load_model(path: str | Path, classes: Sequence[str] | None = None, classes_of: str = "the data") -> TrainedClassifier:
+    """A ready-to-predict model from a checkpoint file, an exported folder or a run folder, in eval mode and the
+    channels-last layout; Lightning is not imported.
 
     With `classes`, the model must know exactly those, in that order (`classes_of` names where they come from).
     """
     path = one_model(path)
-    model = load_pretrained(path) if path.is_dir() else load_classifier(path)
+    model = load_pretrained(path) if path.is_dir() else load_checkpoint(path)
     if classes is not None and model.classes != list(classes):
         raise UserInputError(f"{path} was trained on classes {model.classes}, but {classes_of} has {list(classes)}")
     # The same predictions, 1.5-1.7x faster on a CPU (benchmarks/results/channels_last-cpu.md).
     return model.to(memory_format=torch.channels_last)
 
 
-def load_pretrained(folder: str | Path) -> LitterClassifier:
+def load_pretrained(folder: str | Path) -> TrainedClassifier:
     """The model of an exported folder, in eval mode, with its eval transform (`eval_view()`) and temperature."""
     folder = Path(folder)
     if not is_exported_folder(folder):
         raise UserInputError(f"{folder} is not an exported model folder: it needs {CONFIG_FILE} and {WEIGHTS_FILE}")
     try:
         config = json.loads((folder / CONFIG_FILE).read_text())
-        model = LitterClassifier(classes=config["classes"], image_size=config["image_size"],
-                                 model=ModelConfig(name=config["model"], pretrained=False))
+        # Folders exported before the calibration record have only the temperature.
+        calibration = config.get("calibration") or {"temperature": float(config.get("temperature", 1.0))}
+        model = TrainedClassifier(config["model"], config["classes"], config["image_size"], calibration)
     except (json.JSONDecodeError, KeyError, TypeError) as error:
         raise UserInputError(f"{folder / CONFIG_FILE} is not a detect-waste-cls model config: {error!r}") from None
     weights = in_our_names(config["model"], load_file(folder / WEIGHTS_FILE), model.model)  # older exports too
     model.model.load_state_dict(weights)
-    # Folders exported before the calibration record have only the temperature.
-    model.calibration = config.get("calibration") or {"temperature": float(config.get("temperature", 1.0))}
     return model.eval()
 
 
@@ -136,12 +135,12 @@ def export_model(checkpoint: str | Path, out: str | Path, *, onnx: bool = False,
         require_onnx()
     if push_to_hub:
         require_hub_token()
-    model = load_classifier(checkpoint).eval()
+    model = load_checkpoint(checkpoint)
     metrics, training = read_run_file(checkpoint, METRICS_FILE), read_run_file(checkpoint, CONFIG_FILE)
     config = {
         "library": "detect-waste-cls",
         "version": __version__,
-        "model": model.hparams["model"]["name"],
+        "model": model.model_name,
         "classes": model.classes,
         "image_size": model.image_size,
         "normalization": {"mean": list(model.normalization[0]), "std": list(model.normalization[1])},
@@ -169,7 +168,7 @@ def export_model(checkpoint: str | Path, out: str | Path, *, onnx: bool = False,
 class CalibratedLogits(torch.nn.Module):
     """What model.onnx computes: logits / temperature."""
 
-    def __init__(self, model: LitterClassifier):
+    def __init__(self, model: TrainedClassifier):
         super().__init__()
         self.model, self.temperature = model.model, model.temperature
 
@@ -177,7 +176,7 @@ class CalibratedLogits(torch.nn.Module):
         return self.model(images) / self.temperature
 
 
-def write_weights_and_config(model: LitterClassifier, config: dict, out: Path) -> None:
+def write_weights_and_config(model: TrainedClassifier, config: dict, out: Path) -> None:
     """config.json and model.safetensors. A model timm builds gets timm's own format (what `save_for_hf` writes,
     so `timm.create_model("local-dir:OUT", pretrained=True)` loads it, label_names set), our keys beside timm's."""
     timm_name = model.backbone_entry.timm_name
@@ -210,7 +209,7 @@ def require_hub_token() -> None:
         raise UserInputError("--push-to-hub needs a Hugging Face token: set $HF_TOKEN or run `hf auth login`")
 
 
-def export_onnx(model: LitterClassifier, path: Path) -> Path:
+def export_onnx(model: TrainedClassifier, path: Path) -> Path:
     """model.onnx with a dynamic batch size, checked against PyTorch with onnxruntime on a batch of 2."""
     import onnxruntime  # export_model checked it is there (require_onnx) before writing anything
 

@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 
 from detect_waste_cls.calibration import calibrate_checkpoint
+from detect_waste_cls.checkpoint_io import AtomicCheckpointIO
 from detect_waste_cls.config import RESUME_AUTO, TrainConfig, read_config_file
 from detect_waste_cls.data.crops import CropGeometry, recorded_geometry
 from detect_waste_cls.data.datamodule import WasteDataModule
@@ -29,7 +30,7 @@ from detect_waste_cls.pseudo.callbacks import PseudoLabelRefresh
 from detect_waste_cls.pseudo.teachers import TeacherLabelCache
 from detect_waste_cls.resolve import device_settings, resolve_config
 from detect_waste_cls.run_folder import (
-    BEST_CHECKPOINTS, LAST_CHECKPOINT, SKIPPED_FILES, AtomicCheckpointIO, catch_up_last_checkpoint,
+    BEST_CHECKPOINTS, LAST_CHECKPOINT, SKIPPED_FILES, catch_up_last_checkpoint,
     check_resume_checkpoint, create_run_dir, forget_epochs_after, last_checkpoint, newest_complete_checkpoint,
     shared_run_dir, write_config,
 )

@@ -13,7 +13,6 @@ from pathlib import Path
 import pandas as pd
 import torch
 from matplotlib.figure import Figure
-from torchmetrics.utilities.plot import plot_confusion_matrix
 
 
 def _save(figure: Figure, out_png: Path, dpi: int = 100) -> Path:
@@ -45,6 +44,8 @@ def plot_training_curves(metrics_csv: Path, out_png: Path) -> Path:
 
 def plot_confusion(confusion: torch.Tensor, classes: Sequence[str], out_png: Path) -> Path:
     """Counts per (true, predicted) class pair, annotated."""
+    from torchmetrics.utilities.plot import plot_confusion_matrix  # here: select's contact sheets need no torchmetrics
+
     figure = Figure(figsize=(1.2 * len(classes) + 3, 1.2 * len(classes) + 2))
     plot_confusion_matrix(confusion, ax=figure.subplots(), labels=list(classes))
     return _save(figure, out_png, dpi=120)

@@ -14,24 +14,24 @@ from detect_waste_cls.data.datasets import ImageDataset
 from detect_waste_cls.data.images import keep_decodable, scan_images
 from detect_waste_cls.errors import UserInputError
 from detect_waste_cls.export import load_model
-from detect_waste_cls.models.classifier import LitterClassifier
+from detect_waste_cls.models.inference import TrainedClassifier
 from detect_waste_cls.models.flip import flip_averaged
 
 
-def flip_averaged_probabilities(model: LitterClassifier, loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
+def flip_averaged_probabilities(model: TrainedClassifier, loader: DataLoader) -> tuple[torch.Tensor, torch.Tensor]:
     """(dataset indices, mean of softmax(model(image)) and softmax(model(mirror image))) for every item of `loader`."""
     outputs = flip_averaged(model, loader, num_classes=len(model.classes))
     return outputs.indices, outputs.probabilities
 
 
-def path_logits(model: LitterClassifier, paths: Sequence[Path], *, batch_size: int = 64, num_workers: int = 0) -> torch.Tensor:
+def path_logits(model: TrainedClassifier, paths: Sequence[Path], *, batch_size: int = 64, num_workers: int = 0) -> torch.Tensor:
     """Raw logits for each image, in the order of `paths`, at the model's own size and normalization."""
     dataset = ImageDataset(paths, {keys.IMAGE: model.eval_view()})
     logits, indices = model.predict_logits(DataLoader(dataset, batch_size=batch_size, num_workers=num_workers))
     return logits[indices.argsort()]
 
 
-def path_probabilities_with_flip(model: LitterClassifier, paths: Sequence[Path], *, batch_size: int = 64,
+def path_probabilities_with_flip(model: TrainedClassifier, paths: Sequence[Path], *, batch_size: int = 64,
                                  num_workers: int = 0) -> torch.Tensor:
     """The model's own softmax (no calibration), averaged over each image and its mirror image, in the order of `paths`."""
     dataset = ImageDataset(paths, {keys.IMAGE: model.eval_view()})
@@ -40,7 +40,7 @@ def path_probabilities_with_flip(model: LitterClassifier, paths: Sequence[Path],
     return probabilities[indices.argsort()]
 
 
-def predict_paths(model: LitterClassifier, paths: Sequence[Path], *, batch_size: int = 64, num_workers: int = 0) -> torch.Tensor:
+def predict_paths(model: TrainedClassifier, paths: Sequence[Path], *, batch_size: int = 64, num_workers: int = 0) -> torch.Tensor:
     """Calibrated class probabilities for each image, in the order of `paths`."""
     return model.calibrated(path_logits(model, paths, batch_size=batch_size, num_workers=num_workers))
 

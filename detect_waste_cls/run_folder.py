@@ -1,4 +1,8 @@
-"""The run folder: where a run writes, how DDP's extra ranks find it, and what --resume needs from it."""
+"""The run folder: where a run writes, how DDP's extra ranks find it, and what --resume needs from it.
+
+Lightning and pandas are imported by the functions that use them: reading a run folder (which checkpoint serves
+it, for predict, export and the app) needs neither.
+"""
 
 from __future__ import annotations
 
@@ -12,11 +16,7 @@ from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
 
-import lightning
-import pandas as pd
 import torch
-from lightning.pytorch.plugins import TorchCheckpointIO
-from lightning.pytorch.utilities import rank_zero_only
 
 from detect_waste_cls.config import RECORD_KEY, TrainConfig
 from detect_waste_cls.data.crops import GEOMETRY_KEY, CropGeometry
@@ -58,23 +58,9 @@ def run_checkpoint(run: Path) -> Path | None:
     return (preferred or checkpoints or [None])[0]
 
 
-def _partial(path: Path) -> Path:
+def partial_path(path: Path) -> Path:
+    """Where `path` is written before it is renamed into place (checkpoint_io.AtomicCheckpointIO)."""
     return path.with_name(path.name + PARTIAL_SUFFIX)
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes each checkpoint under a temporary name beside it and renames it into place, so a kill or a full
-    disk in the middle of a write leaves the previous file whole, never a torn one under a name resume trusts."""
-
-    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
-        path = Path(path)
-        partial = _partial(path)
-        try:
-            super().save_checkpoint(checkpoint, partial, storage_options)
-        except BaseException:
-            partial.unlink(missing_ok=True)
-            raise
-        os.replace(partial, path)
 
 
 def newest_complete_checkpoint(run_dir: Path) -> Path | None:
@@ -99,12 +85,14 @@ def catch_up_last_checkpoint(run_dir: Path, newest: Path) -> None:
     if newest != last:
         log.warning("%s is newer than %s (a kill landed between the two writes of an epoch): continuing from it",
                     newest, last)
-        shutil.copyfile(newest, _partial(last))
-        os.replace(_partial(last), last)
+        shutil.copyfile(newest, partial_path(last))
+        os.replace(partial_path(last), last)
 
 
 def create_run_dir(out: str | Path | None, name: str, *, num_nodes: int = 1) -> Path:
     """A new, empty folder for this run: `out`, or runs/<name>-<timestamp>. Never reuses a non-empty one."""
+    from lightning.pytorch.utilities import rank_zero_only
+
     if os.environ.get(RUN_DIR_ENV):
         return Path(os.environ[RUN_DIR_ENV])
     if out is None and num_nodes > 1:
@@ -147,6 +135,8 @@ def shared_run_dir(run_dir: Path):
 
 def forget_epochs_after(metrics_csv: Path, epoch: int) -> None:
     """Drop the log rows of the epoch a kill interrupted, so a continued run logs each epoch once."""
+    import pandas as pd
+
     if metrics_csv.is_file():
         log_rows = pd.read_csv(metrics_csv)
         log_rows[log_rows["epoch"] <= epoch].to_csv(metrics_csv, index=False)
@@ -168,6 +158,8 @@ def write_config(path: Path, config: TrainConfig, *, classes: Sequence[str] | No
                  crop_geometry: CropGeometry | None = None) -> None:
     """The resolved config, plus facts under RECORD_KEY (ignored when the file is read back as a config): for
     people, and the crop geometry of the training data, which `predict --boxes` and `export` take from here."""
+    import lightning
+
     record = {**({"classes": list(classes)} if classes is not None else {}),
               **({GEOMETRY_KEY: asdict(crop_geometry)} if crop_geometry is not None else {}),
               "versions": {"torch": torch.__version__, "lightning": lightning.__version__},

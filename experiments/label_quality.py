@@ -23,8 +23,7 @@ import pandas as pd
 import torch
 
 from detect_waste_cls.calibration import expected_calibration_error
-from detect_waste_cls.data.datamodule import scan_pseudolabel_folder
-from detect_waste_cls.data.images import resolve_images_square
+from detect_waste_cls.data.images import resolve_images_square, scan_pseudolabel_folder
 from detect_waste_cls.export import load_model
 from detect_waste_cls.predict import path_probabilities_with_flip
 from detect_waste_cls.pseudo.loss import tempered_log_targets
@@ -45,7 +44,7 @@ def teacher_probabilities(run: Path, paths: list[Path]) -> dict[str, torch.Tenso
             continue
         teacher = load_model(last_checkpoint(folder))
         cached = cache.load(labels_key(teacher, paths), len(paths))
-        found[teacher.hparams["model"]["name"]] = cached if cached is not None else path_probabilities_with_flip(
+        found[teacher.model_name] = cached if cached is not None else path_probabilities_with_flip(
             teacher, paths)
     if len(found) > 1:
         found[ENSEMBLE] = torch.stack(list(found.values())).mean(0)

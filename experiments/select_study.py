@@ -30,9 +30,9 @@ from torch.utils.data import DataLoader
 
 from detect_waste_cls.config import DataConfig, ModelConfig
 from detect_waste_cls.data import batch as keys
-from detect_waste_cls.data.datamodule import scan_pseudolabel_folder, stratified_split
+from detect_waste_cls.data.datamodule import stratified_split
 from detect_waste_cls.data.datasets import ImageDataset
-from detect_waste_cls.data.images import resolve_images_square, scan_labeled_folder
+from detect_waste_cls.data.images import resolve_images_square, scan_labeled_folder, scan_pseudolabel_folder
 from detect_waste_cls.labeling.strategies import STRATEGIES, Pool, pick
 from detect_waste_cls.models.classifier import LitterClassifier
 from detect_waste_cls.models.probe import fit_probe

@@ -8,6 +8,7 @@ import onnxruntime
 import pandas as pd
 import pytest
 import torch
+from lightning.pytorch import LightningModule
 
 from conftest import CALIBRATION_VAL, COLOURS, PYTHON, REPO_ROOT, final_checkpoint, make_tree, train_args, write_image
 from detect_waste_cls import load_pretrained
@@ -15,6 +16,7 @@ from detect_waste_cls.cli import main
 from detect_waste_cls.data.images import load_rgb
 from detect_waste_cls.export import CONFIG_FILE, ONNX_FILE, WEIGHTS_FILE, export_model, load_model
 from detect_waste_cls.models.classifier import load_classifier
+from detect_waste_cls.predict import predict_paths
 
 
 @pytest.fixture(scope="module")
@@ -43,16 +45,19 @@ def test_exported_folder_predicts_like_the_checkpoint(exported):
     assert restored.classes[int(restored.predict_images(photo).argmax())] == "paper"
 
 
-def test_models_loaded_to_predict_are_channels_last_and_predict_like_the_checkpoint(exported):
-    _, checkpoint, folder = exported
-    original = load_classifier(checkpoint).eval()
-    images = torch.randn(5, 3, 32, 32)
+def test_models_loaded_to_predict_are_plain_torch_channels_last_and_give_the_checkpoints_calibrated_probabilities(
+        exported):
+    data, checkpoint, folder = exported
+    trained = load_classifier(checkpoint)  # the Lightning module, as training left it
+    paths = sorted((data / "images_square" / "test").rglob("*.png"))
+    expected = predict_paths(trained, paths)
     for path in (checkpoint, folder):
-        model = load_model(path).eval()
+        model = load_model(path)
+        assert not isinstance(model, LightningModule)
         convolutions = [p for p in model.parameters() if p.dim() == 4]
         assert convolutions and all(p.is_contiguous(memory_format=torch.channels_last) for p in convolutions)
-        with torch.inference_mode():
-            torch.testing.assert_close(model(images), original(images), rtol=1e-4, atol=1e-5)
+        assert model.temperature == trained.temperature != 1.0
+        torch.testing.assert_close(predict_paths(model, paths), expected, rtol=1e-4, atol=1e-6)
 
 
 def test_onnx_agrees_with_pytorch_at_any_batch_size(exported):

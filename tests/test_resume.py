@@ -10,7 +10,8 @@ from lightning.pytorch.plugins import TorchCheckpointIO
 
 from conftest import PYTHON, REPO_ROOT, final_checkpoint, make_tree, recorded_run, train_args
 from detect_waste_cls.cli import main
-from detect_waste_cls.run_folder import AtomicCheckpointIO, forget_epochs_after
+from detect_waste_cls.checkpoint_io import AtomicCheckpointIO
+from detect_waste_cls.run_folder import forget_epochs_after
 
 # Trains like the CLI, and SIGKILLs itself right after the first of the two end-of-epoch checkpoint writes of
 # epoch KILL_EPOCH (best-epoch=NN.ckpt, then last.ckpt), as a preempted job on a busy machine can be.

@@ -4,9 +4,14 @@ import importlib
 import json
 import subprocess
 
-from conftest import PYTHON, REPO_ROOT, train_args
+import torch
+
+from conftest import COLOURS, PYTHON, REPO_ROOT, final_checkpoint, make_tree, train_args
+from detect_waste_cls.config import ModelConfig
+from detect_waste_cls.models.classifier import LitterClassifier
 
 HEAVY = ("torch", "lightning", "pytorch_lightning", "torchmetrics", "torchvision", "timm")
+TRAINING_AND_OTHER_MODELS = tuple(name for name in HEAVY if name != "torch")  # a simple-cnn needs only torch
 
 # Asks every command and subcommand, and train_effnet.py, for its --help in one Python, then lists the heavy
 # packages that Python imported on the way.
@@ -59,6 +64,38 @@ def test_importing_the_package_loads_no_torch_and_its_names_load_on_first_use():
     assert all(getattr(detect_waste_cls, name) is not None for name in detect_waste_cls.__all__)
     # `train` is a submodule's name too: importing the submodule must not replace the function on the package.
     assert train is importlib.import_module("detect_waste_cls.train").train is detect_waste_cls.train
+
+
+# Predicts with the checkpoint of a run folder, on images and on boxes, selects images to label with it, exports it
+# and predicts with the export, in one Python; then lists what it imported that only training needs (Lightning,
+# torchmetrics) or only other models.
+RUN_A_TRAINED_MODEL = """
+import json, sys
+from detect_waste_cls.cli import main
+
+run, data, out = sys.argv[1:]
+images = data + "/images_square/pseudolabel"
+codes = [main(["predict", "--checkpoint", run, "--images", images, "--out", out + "/images.csv"]),
+         main(["predict", "--checkpoint", run, "--images", images, "--boxes", data + "/boxes.csv", "--square",
+               "--zoom", "1", "--out", out + "/boxes.json"]),
+         main(["select", "--model", run, "--data", data, "--budget", "2", "--out", out + "/selection"]),
+         main(["export", "--checkpoint", run, "--out", out + "/model"]),
+         main(["predict", "--checkpoint", out + "/model", "--images", images, "--out", out + "/exported.csv"])]
+print(json.dumps({"codes": codes, "imported": sorted(name for name in sys.modules if name.split(".")[0] in %r)}))
+""" % (TRAINING_AND_OTHER_MODELS,)
+
+
+def test_predict_select_and_export_import_neither_lightning_nor_torchmetrics(tmp_path):
+    data = make_tree(tmp_path / "data", {"train": {name: 2 for name in COLOURS}}, pseudo=3)
+    (data / "boxes.csv").write_text("image_name,x_min,y_min,x_max,y_max\nunlabeled_0.png,2,2,30,30\n"
+                                    "unlabeled_1.png,0,5,20,40\n")
+    model = LitterClassifier(classes=sorted(COLOURS), image_size=32, model=ModelConfig(name="simple-cnn", pretrained=False))
+    checkpoint = final_checkpoint(tmp_path / "run")
+    checkpoint.parent.mkdir(parents=True)
+    torch.save({"hyper_parameters": dict(model.hparams), "state_dict": model.state_dict()}, checkpoint)
+    result = last_json_line(["-c", RUN_A_TRAINED_MODEL, str(tmp_path / "run"), str(data), str(tmp_path / "out")])
+    assert result["codes"] == [0] * 5
+    assert result["imported"] == []
 
 
 def run_output(data, out, *extra) -> str:

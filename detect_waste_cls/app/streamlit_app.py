@@ -15,7 +15,7 @@ from detect_waste_cls.app import (DEFAULT_THRESHOLD, IMAGE_TYPES, MAX_PIXELS, MA
                                   read_upload, script_model_argument, top_k)
 from detect_waste_cls.errors import UserInputError
 from detect_waste_cls.export import load_model, model_metrics
-from detect_waste_cls.models.classifier import describe_calibration
+from detect_waste_cls.models.inference import describe_calibration
 
 METRIC_NAMES = {"accuracy": "Accuracy", "balanced_accuracy": "Balanced accuracy", "macro_f1": "Macro F1",
                 "ece": "ECE (calibrated)"}

@@ -14,12 +14,11 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from detect_waste_cls.data.images import (
-    IMPORTS_MANIFEST,
     LabeledImages,
-    labeled_by_import,
+    PseudoImages,
     resolve_images_square,
-    scan_images,
     scan_labeled_folder,
+    scan_pseudolabel_folder,
 )
 from detect_waste_cls.data.datasets import ImageDataset, Transform, seed_worker_augmentations
 from detect_waste_cls.data.samplers import EpochDrawSampler, inverse_frequency_weights
@@ -30,19 +29,6 @@ from detect_waste_cls.errors import UserInputError
 from detect_waste_cls.models.backbones import Normalization
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class PseudoImages:
-    """The pseudolabel split: image paths and, where class subfolders exist, their folder labels.
-
-    Folder labels (-1 where unknown) only measure pseudo-label accuracy; they never go into
-    a dataset, so they cannot reach a loss.
-    """
-
-    paths: list[Path]
-    folder_targets: list[int]
-    skipped: list[Path]
 
 
 def stratified_split(targets: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -62,26 +48,6 @@ def _subset(images: LabeledImages, positions: list[int]) -> LabeledImages:
     return LabeledImages(
         [images.paths[i] for i in positions], [images.targets[i] for i in positions], images.classes, []
     )
-
-
-def scan_pseudolabel_folder(folder: Path, classes: list[str]) -> PseudoImages:
-    """Images directly in `folder` and in any subfolders; a subfolder named after a class gives a folder label.
-
-    Images a person has labeled since (`label-studio import` copied them into train/) are left out.
-    """
-    report = scan_images(folder, recursive=True)
-    report.warn_skipped(folder)
-    labeled = labeled_by_import(folder.parent)
-    if labeled:
-        kept = [path for path in report.paths if path.resolve() not in labeled]
-        log.info("%d image(s) of %s are labeled now (%s): not pseudo-labeled", len(report.paths) - len(kept),
-                 folder, folder.parent / IMPORTS_MANIFEST)
-        report.paths = kept
-    folder_targets = [
-        classes.index(path.parent.name) if path.parent != folder and path.parent.name in classes else -1
-        for path in report.paths
-    ]
-    return PseudoImages(report.paths, folder_targets, report.skipped)
 
 
 @dataclass

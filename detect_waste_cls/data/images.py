@@ -205,6 +205,39 @@ def labeled_by_import(images_square: Path) -> set[Path]:
             if source.startswith("pseudolabel/")}
 
 
+@dataclass
+class PseudoImages:
+    """The pseudolabel split: image paths and, where class subfolders exist, their folder labels.
+
+    Folder labels (-1 where unknown) only measure pseudo-label accuracy; they never go into
+    a dataset, so they cannot reach a loss.
+    """
+
+    paths: list[Path]
+    folder_targets: list[int]
+    skipped: list[Path]
+
+
+def scan_pseudolabel_folder(folder: Path, classes: list[str]) -> PseudoImages:
+    """Images directly in `folder` and in any subfolders; a subfolder named after a class gives a folder label.
+
+    Images a person has labeled since (`label-studio import` copied them into train/) are left out.
+    """
+    report = scan_images(folder, recursive=True)
+    report.warn_skipped(folder)
+    labeled = labeled_by_import(folder.parent)
+    if labeled:
+        kept = [path for path in report.paths if path.resolve() not in labeled]
+        log.info("%d image(s) of %s are labeled now (%s): not pseudo-labeled", len(report.paths) - len(kept),
+                 folder, folder.parent / IMPORTS_MANIFEST)
+        report.paths = kept
+    folder_targets = [
+        classes.index(path.parent.name) if path.parent != folder and path.parent.name in classes else -1
+        for path in report.paths
+    ]
+    return PseudoImages(report.paths, folder_targets, report.skipped)
+
+
 def data_folder(data: str | Path) -> Path:
     """--data as a folder: a missing path or a file is named as such before anything looks inside."""
     data = Path(data)

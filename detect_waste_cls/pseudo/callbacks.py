@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from detect_waste_cls.config import PseudoConfig
 from detect_waste_cls.data import batch as keys
 from detect_waste_cls.models.ema import find_ema_teacher
+from detect_waste_cls.models.inference import TrainedClassifier
 from detect_waste_cls.pseudo.loss import flex_thresholds, image_weights, tempered_log_targets
 from detect_waste_cls.pseudo.store import PseudoLabelStore
 from detect_waste_cls.predict import flip_averaged_probabilities
@@ -163,7 +164,7 @@ class PseudoLabelRefresh(pl.Callback):
         if trainer.is_global_zero:
             log.info("%d teacher(s) labeled %d pseudolabel images", len(self.config.teacher), len(self.paths))
 
-    def _teacher_probabilities(self, trainer: pl.Trainer, teacher: pl.LightningModule, path: str) -> torch.Tensor:
+    def _teacher_probabilities(self, trainer: pl.Trainer, teacher: TrainedClassifier, path: str) -> torch.Tensor:
         """One teacher's flip-averaged probabilities for every pseudolabel image: from the cache, or each rank a shard."""
         key = labels_key(teacher, self.paths)
         # Rank 0 reads and broadcasts: ranks whose disks differ (nodes without a shared one) still take one path.

@@ -20,17 +20,17 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from detect_waste_cls.export import load_model
-from detect_waste_cls.models.classifier import LitterClassifier
+from detect_waste_cls.models.inference import TrainedClassifier
 
 log = logging.getLogger(__name__)
 
 
-def load_teachers(paths: Sequence[str], classes: Sequence[str]) -> list[LitterClassifier]:
+def load_teachers(paths: Sequence[str], classes: Sequence[str]) -> list[TrainedClassifier]:
     """Checkpoints or exported folders, each checked to know the data's classes in the data's order."""
     return [load_model(path, classes) for path in paths]
 
 
-def labels_key(teacher: LitterClassifier, paths: Sequence[Path]) -> str:
+def labels_key(teacher: TrainedClassifier, paths: Sequence[Path]) -> str:
     """A digest of what a teacher's labels depend on: its weights and input view, and the images (name, size)."""
     digest = hashlib.sha256()
     digest.update(json.dumps([teacher.classes, teacher.image_size, teacher.normalization]).encode())

@@ -9,8 +9,8 @@ import logging
 import sys
 from pathlib import Path
 
-from detect_waste_cls.config import (DEFAULT_MODEL, SEEDS, ModelConfig, Range, TrainConfig, above, at_least,
-                                     field_doc, field_type, merge, read_config_file)
+from detect_waste_cls.config import (BOX_CATEGORY_SOURCES, BOX_SCORES, DEFAULT_MODEL, SEEDS, ModelConfig, Range,
+                                     TrainConfig, above, at_least, field_doc, field_type, merge, read_config_file)
 from detect_waste_cls.errors import UserInputError
 
 PORTS = Range(1, 65535)
@@ -130,21 +130,19 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_box_arguments(group: argparse._ArgumentGroup) -> None:
-    from detect_waste_cls.data.boxes import CATEGORY_SOURCES, SCORES
-
     group.add_argument("--boxes", type=Path, help="classify these boxes: COCO annotations or results .json, a corner "
                                                   "CSV (image_name,x_min,y_min,x_max,y_max[,class_name][,score]) "
                                                   "or a folder of YOLO .txt")
     group.add_argument("--image-list", type=Path, help="for COCO results: the annotations file (or a CSV of "
                                                        "image_id,file_name) their image ids refer to")
     group.add_argument("--names", type=Path, help="for YOLO: data.yaml or a text file of class names")
-    group.add_argument("--score", choices=SCORES, default="classifier",
+    group.add_argument("--score", choices=BOX_SCORES, default="classifier",
                        help="each result's score: the classifier's confidence, the detector's score, or their "
                             "product (default: classifier)")
     group.add_argument("--min-score", type=float, help="leave out boxes the detector scored below this")
     group.add_argument("--keep-background", action="store_true",
                        help="keep the boxes the model calls background (dropped by default)")
-    group.add_argument("--categories", choices=CATEGORY_SOURCES, default="boxes",
+    group.add_argument("--categories", choices=BOX_CATEGORY_SOURCES, default="boxes",
                        help="category ids: the box file's categories of the same names, or the model's classes "
                             "numbered from 1 (default: boxes; model when the file has none)")
     group.add_argument("--square", action=argparse.BooleanOptionalAction, default=None,

@@ -15,9 +15,9 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from detect_waste_cls.config import RECORD_KEY
+from detect_waste_cls.config import BOX_CATEGORY_SOURCES, BOX_SCORES, RECORD_KEY
 from detect_waste_cls.data import batch as keys
-from detect_waste_cls.data.boxes import CATEGORY_SOURCES, SCORES, BoxReport, read_boxes
+from detect_waste_cls.data.boxes import BoxReport, read_boxes
 from detect_waste_cls.data.crops import GEOMETRY_KEY, CropGeometry, geometry_from_record, recorded_geometry
 from detect_waste_cls.data.images import load_rgb, resolve_images_square
 from detect_waste_cls.errors import UserInputError
@@ -183,10 +183,10 @@ def _check_options(out: Path, out_csv: Path, score: str, min_score: float | None
             raise UserInputError(f"{path} already exists; choose another --out")
     if out.suffix.lower() != ".json":
         raise UserInputError(f"--out {out}: name a .json file (the CSV is written beside it)")
-    if score not in SCORES:
-        raise UserInputError(f"--score {score!r}: choose from {', '.join(SCORES)}")
-    if categories not in CATEGORY_SOURCES:
-        raise UserInputError(f"--categories {categories!r}: choose from {', '.join(CATEGORY_SOURCES)}")
+    if score not in BOX_SCORES:
+        raise UserInputError(f"--score {score!r}: choose from {', '.join(BOX_SCORES)}")
+    if categories not in BOX_CATEGORY_SOURCES:
+        raise UserInputError(f"--categories {categories!r}: choose from {', '.join(BOX_CATEGORY_SOURCES)}")
     if min_score is not None and not math.isfinite(min_score):
         raise UserInputError(f"--min-score must be a number, got {min_score}")
     if batch_size < 1:

@@ -10,8 +10,9 @@ from conftest import COLOURS, PYTHON, REPO_ROOT, final_checkpoint, make_tree, tr
 from detect_waste_cls.config import ModelConfig
 from detect_waste_cls.models.classifier import LitterClassifier
 
-HEAVY = ("torch", "lightning", "pytorch_lightning", "torchmetrics", "torchvision", "timm")
-TRAINING_AND_OTHER_MODELS = tuple(name for name in HEAVY if name != "torch")  # a simple-cnn needs only torch
+# What only training, or a model other than a simple-cnn, needs; and what --help and the package's import need not.
+TRAINING_AND_OTHER_MODELS = ("lightning", "pytorch_lightning", "torchmetrics", "torchvision", "timm")
+HEAVY = ("torch", *TRAINING_AND_OTHER_MODELS, "pandas")
 
 # Asks every command and subcommand, and train_effnet.py, for its --help in one Python, then lists the heavy
 # packages that Python imported on the way.

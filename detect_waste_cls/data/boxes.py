@@ -25,10 +25,6 @@ BOX_COLUMNS = ("file_name", "image_id", "x", "y", "width", "height", "score", "c
 IMAGE_COLUMNS = ("image_id", "file_name", "width", "height")
 CORNER_COLUMNS = ("image_name", "x_min", "y_min", "x_max", "y_max")  # optional: class_name, score
 SHOWN_PROBLEMS = 5
-# The choices of `predict --boxes`, here rather than beside the torch code so the CLI builds its parser without torch:
-# what a result's score is, and whose categories number its category_id.
-SCORES = ("classifier", "detector", "product")
-CATEGORY_SOURCES = ("boxes", "model")
 # EXIF orientations that turn the stored image by 90 degrees: its upright width is the stored height.
 _SIDEWAYS_ORIENTATIONS = {5, 6, 7, 8}
 _EXIF_ORIENTATION = 0x0112

@@ -18,16 +18,14 @@ from torch.utils.data import DataLoader, Dataset
 from detect_waste_cls.config import RECORD_KEY
 from detect_waste_cls.data import batch as keys
 from detect_waste_cls.data.boxes import CATEGORY_SOURCES, SCORES, BoxReport, read_boxes
-from detect_waste_cls.data.crops import GEOMETRY_KEY, CropGeometry, geometry_from_record, recorded_geometry
+from detect_waste_cls.data.crops import (BACKGROUND, GEOMETRY_KEY, CropGeometry, geometry_from_record,
+                                         recorded_geometry)
 from detect_waste_cls.data.images import load_rgb, resolve_images_square
 from detect_waste_cls.errors import UserInputError
 from detect_waste_cls.export import CONFIG_FILE, CalibratedLogits, load_model, one_model, read_run_file
 from detect_waste_cls.models.flip import flip_averaged
 
 log = logging.getLogger(__name__)
-
-BACKGROUND = "background"  # the class that rejects a detector's false positives (detect-waste's 8th)
-
 
 @dataclass
 class BoxPredictionReport:

@@ -18,7 +18,7 @@ from detect_waste_cls import predict_boxes as predict_boxes_module
 from detect_waste_cls.cli import main
 from detect_waste_cls.data.boxes import read_boxes
 from detect_waste_cls.data.crops import CropGeometry, recorded_geometry
-from detect_waste_cls.data.prepare import crop_coco
+from detect_waste_cls.data.prepare_crops import crop_boxes
 from detect_waste_cls.errors import UserInputError
 from detect_waste_cls.evaluate_boxes import evaluate_boxes
 from detect_waste_cls.export import load_model
@@ -72,7 +72,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("wild")
     annotations = write_coco(root / "photos", photos=10)
     for split in ("train", "test"):
-        crop_coco(annotations, root / "photos" / "images", root / "data", square=GEOMETRY.square,
+        crop_boxes(annotations, root / "photos" / "images", root / "data", square=GEOMETRY.square,
                   zoom=GEOMETRY.zoom, mapping="none", split=split)
     assert main(train_args(root / "data", root / "run", "--epochs", "4")) == 0
     return annotations, root / "photos" / "images", final_checkpoint(root / "run")
@@ -214,7 +214,7 @@ def test_a_file_of_no_known_format_is_one_clear_error(tmp_path: Path) -> None:
 def test_same_box_gives_the_same_pixels_at_training_and_at_inference(tmp_path: Path) -> None:
     annotations = write_coco(tmp_path / "photos", photos=2)
     images = tmp_path / "photos" / "images"
-    crop_coco(annotations, images, tmp_path / "data", square=True, zoom=1.4, mapping="none", split="pseudolabel")
+    crop_boxes(annotations, images, tmp_path / "data", square=True, zoom=1.4, mapping="none", split="pseudolabel")
     geometry = recorded_geometry(tmp_path / "data")
     assert geometry == CropGeometry(square=True, zoom=1.4)
 
@@ -334,7 +334,7 @@ def moved_dataset(tmp_path_factory):
     (annotations, images, run folder, the dataset's new place)."""
     root = tmp_path_factory.mktemp("moved")
     annotations = write_coco(root / "photos", photos=6)
-    crop_coco(annotations, root / "photos" / "images", root / "data", square=MOVED_GEOMETRY.square,
+    crop_boxes(annotations, root / "photos" / "images", root / "data", square=MOVED_GEOMETRY.square,
               zoom=MOVED_GEOMETRY.zoom, mapping="none", split="train")
     assert main(train_args(root / "data", root / "run", "--epochs", "1")) == 0
     (root / "data").rename(root / "renamed")
@@ -354,8 +354,8 @@ def assert_classifies_the_prepared_crops(model_path: Path, moved_dataset, out: P
     model = load_model(model_path)
     prepared = [np.asarray(Image.open(dataset / path).convert("RGB")) for path in crops["path"]]
     expected = model.predict_images(prepared, flip_tta=True).numpy()
-    got = [list(records[boxes[annotation_id]]["class_probabilities"].values()) for annotation_id in
-           crops["annotation_id"]]
+    got = [list(records[boxes[box_id]]["class_probabilities"].values()) for box_id in
+           crops["box_id"]]
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
 

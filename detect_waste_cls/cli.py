@@ -152,7 +152,7 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_box_arguments(group: argparse._ArgumentGroup) -> None:
-    from detect_waste_cls.data.boxes import CATEGORY_SOURCES, SCORES
+    from detect_waste_cls.data.boxes import CATEGORY_SOURCES, REVIEW_BOXES, SCORES
 
     group.add_argument("--boxes", type=Path, help="classify these boxes: COCO annotations or results .json, a corner "
                                                   "CSV (image_name,x_min,y_min,x_max,y_max[,class_name][,score]) "
@@ -176,6 +176,13 @@ def add_box_arguments(group: argparse._ArgumentGroup) -> None:
                        help="crop geometry (default: as recorded, see --square)")
     group.add_argument("--num-workers", type=number(int, at_least(0)), default=0,
                        help="DataLoader workers decoding photos")
+    group.add_argument("--relabel", metavar="CATEGORY",
+                       help="on COCO annotations: classify only the boxes of this category (e.g. unknown, "
+                            "'Unlabeled litter') and write --out as a new annotations file in which they have the "
+                            "model's class; every other annotation stays as it was")
+    group.add_argument("--review", type=number(int, at_least(0)), metavar="N",
+                       help=f"with --relabel: cut the N least confident relabeled boxes into OUT-review/, a "
+                            f"selection for `label-studio export` (default: {REVIEW_BOXES}; 0: none)")
 
 
 def build_parser(default_model: str = DEFAULT_MODEL) -> argparse.ArgumentParser:
@@ -192,7 +199,8 @@ def build_parser(default_model: str = DEFAULT_MODEL) -> argparse.ArgumentParser:
                          help="a .ckpt file, an exported model folder or a run folder")
     predict.add_argument("--images", type=Path, required=True, help="folder of images (searched recursively)")
     predict.add_argument("--out", type=Path, required=True,
-                         help="CSV file to write (must not exist); with --boxes a COCO results .json, a CSV beside it")
+                         help="CSV file to write (must not exist); with --boxes a COCO results .json (with --relabel, "
+                              "annotations), a CSV beside it")
     predict.add_argument("-b", "--batch-size", type=number(int, at_least(1)), default=64)
     add_box_arguments(predict.add_argument_group("boxes (the second stage of a detector)"))
     export = commands.add_parser("export", help="a checkpoint as a Hugging Face-style folder (safetensors, card, ONNX)")
@@ -336,8 +344,8 @@ def dispatch(args: argparse.Namespace, default_model: str) -> None:
                                names=args.names, score=args.score, min_score=args.min_score,
                                keep_background=args.keep_background, categories=args.categories,
                                square=args.square, zoom=args.zoom, batch_size=args.batch_size,
-                               num_workers=args.num_workers)
-        print(f"{report.summary()}\nwrote {args.out} and {args.out.with_suffix('.csv')}")
+                               num_workers=args.num_workers, relabel=args.relabel, review=args.review)
+        print(report.summary())
     elif args.command == "predict":
         from detect_waste_cls.predict import predict_folder
 

@@ -30,6 +30,7 @@ SHOWN_PROBLEMS = 5
 # what a result's score is, and whose categories number its category_id.
 SCORES = ("classifier", "detector", "product")
 CATEGORY_SOURCES = ("boxes", "model")
+REVIEW_BOXES = 50  # with --relabel: how many of the least confident relabeled boxes a person is asked to check
 # EXIF orientations that turn the stored image by 90 degrees: its upright width is the stored height.
 _SIDEWAYS_ORIENTATIONS = {5, 6, 7, 8}
 _EXIF_ORIENTATION = 0x0112
@@ -162,6 +163,11 @@ def load_json(path: Path, what: str) -> object:
         raise UserInputError(f"{what} {path} is not valid JSON: {error}") from error
 
 
+def coco_annotation_row(position: int) -> str:
+    """How a box table's `row` names the annotation at `position` in a COCO annotations file."""
+    return f"annotations[{position}]"
+
+
 def to_coco(boxes: Boxes) -> dict:
     """A COCO annotations dict of the boxes (ids kept; annotation ids numbered from 1), e.g. ground truth
     read from a CSV, for tools that take only COCO."""
@@ -186,7 +192,7 @@ def _read_coco_annotations(path: Path, content: object, images: Path | None) -> 
     file_of = dict(zip(images_table["image_id"], images_table["file_name"]))
     report, rows = BoxReport(), []
     for number, item in enumerate(content["annotations"]):
-        row = f"annotations[{number}]"
+        row = coco_annotation_row(number)
         if not isinstance(item, dict):
             report.skip(path, row, "not_an_object")
         elif _id(item.get("category_id")) not in categories:

@@ -528,6 +528,9 @@ def test_split_mapping_merges_and_drops_class_folders(class_dataset: Path, tmp_p
     assert set(manifest["class"]) == {"paper"} and len(manifest) == CLASS_COUNTS["cardboard"] + CLASS_COUNTS["paper"]
     written = [path for path in (tmp_path / "out" / "images_square").rglob("*.*")]
     assert len(written) == len(manifest)  # a name both folders use is numbered, not overwritten
+    # A mapping relabels, it does not reshuffle: each image keeps the split it gets without one.
+    plain = split_dataset(class_dataset, tmp_path / "plain", test=0.2, pseudo=0.0).set_index("source")["split"]
+    assert (manifest.set_index("source")["split"] == plain[manifest["source"]]).all()
 
     mapping.write_text(json.dumps({"cardboard": "paper"}))
     with pytest.raises(UserInputError, match=r"mapping.json does not list the class folder\(s\) glass, paper"):
@@ -604,3 +607,58 @@ def test_background_crops_overlap_no_box_and_are_cut_with_the_crop_geometry(tmp_
     # A photo too full for them: counted, not a crash.
     full = crop_boxes(tmp_path / "boxes.csv", images, tmp_path / "full", mapping="none", background=40, seed=1)
     assert full.skipped.get("background_not_placed", 0) > 0
+
+
+MALFORMED = {  # box format -> (file contents by name, what prepare crop skips)
+    "corner CSV": ({"boxes.csv": "image_name,x_min,y_min,x_max,y_max,class_name\n"
+                                 "a.png,1,1,9,9,glass\n"     # the good box
+                                 "a.png,abc,1,9,9,glass\n"   # not a number
+                                 "a.png,9,1,1,9,glass\n"     # right of its left
+                                 "gone.png,1,1,9,9,glass\n"  # no such image
+                                 "a.png,50,40,60,50,glass\n"  # outside the image
+                                 "a.png,1,1,9,9,\n"},         # no class, and train/ needs one
+                   {"invalid_box": 2, "unknown_image": 1, "outside_image": 1, "no_class": 1}),
+    "COCO results": ({"results.json": json.dumps([
+        {"image_id": 1, "bbox": [1, 1, 8, 8], "score": 0.9, "category_id": 1},
+        "not a box",
+        {"image_id": 1, "bbox": [1, 1, 8, 8], "score": 0.9, "category_id": 9},
+        {"image_id": 42, "bbox": [1, 1, 8, 8], "score": 0.9, "category_id": 1},
+        {"image_id": 1, "bbox": [1, 1, -8, 8], "score": 0.9, "category_id": 1},
+        {"image_id": 1, "bbox": [1, 1, 8, 8], "score": "high", "category_id": 1},
+    ])}, {"not_an_object": 1, "unknown_category": 1, "unknown_image": 1, "invalid_box": 1, "invalid_score": 1}),
+    "YOLO": ({"labels/a.txt": "0 0.2 0.2 0.2 0.2\n0 0.5\n5 0.5 0.5 0.1 0.1\n0 1.5 1.5 0.2 0.2\n",
+              "labels/ghost.txt": "0 0.5 0.5 0.1 0.1\n"},
+             {"malformed_line": 1, "unknown_category": 1, "outside_image": 1, "unknown_image": 1}),
+}
+
+
+@pytest.mark.parametrize("box_format", list(MALFORMED))
+def test_prepare_crop_counts_every_malformed_row_of_each_box_format(box_format: str, tmp_path: Path) -> None:
+    files, expected = MALFORMED[box_format]
+    for name, content in files.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(content)
+    for name in ("a.png", "b.png"):
+        write_image(tmp_path / "images" / name, random_pixels(HEIGHT, WIDTH, seed=len(name)))
+    image_list = tmp_path / "annotations.json"
+    image_list.write_text(json.dumps({"images": [{"id": 1, "file_name": "a.png"}, {"id": 2, "file_name": "b.png"}],
+                                      "annotations": [], "categories": [{"id": 1, "name": "glass"}]}))
+    (tmp_path / "names.txt").write_text("glass\nmetal\n")
+
+    report = crop_boxes(tmp_path / Path(next(iter(files))).parts[0], tmp_path / "images", tmp_path / "out",
+                        image_list=image_list, names=tmp_path / "names.txt", mapping="none")
+
+    assert report.written == 1 and report.per_class == {"glass": 1}
+    assert report.skipped == expected
+    assert f"skipped {sum(expected.values())} (" in report.summary()
+
+
+def test_crop_with_a_test_share_removes_nothing_while_either_split_holds_a_persons_file(tmp_path: Path) -> None:
+    boxes, images = write_corner_csv(tmp_path)
+    dst = tmp_path / "out"
+    crop_boxes(boxes, images, dst, mapping="none", split="pseudolabel", test=0.5)
+    write_image(dst / "images_square" / "test" / "a" / "mine.png", random_pixels(8, 8, seed=1))
+    before = snapshot(dst)
+    with pytest.raises(UserInputError, match="mine.png"):
+        crop_boxes(boxes, images, dst, mapping="none", split="pseudolabel", test=0.5, seed=1, overwrite=True)
+    assert snapshot(dst) == before  # pseudolabel/ (sorted first) was not cleared either

@@ -14,6 +14,7 @@ import os
 import random
 import shutil
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -79,9 +80,24 @@ def _claim_outputs(folder: Path, manifest: Path, overwrite: bool) -> None:
 
     Anything else in `folder` stops this before one file is removed: it is what a person made.
     """
+    remove_claimed(claimable(folder, manifest, overwrite))
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What replacing an earlier output removes: its listed files under `folder`, then `manifest`."""
+
+    folder: Path
+    manifest: Path
+    files: list[str]
+
+
+def claimable(folder: Path, manifest: Path, overwrite: bool) -> Claim | None:
+    """The claim on `folder`, or an error naming what forbids it; removes nothing, so a command writing several
+    folders checks them all before it removes anything. None when there is no earlier output."""
     earlier = [path for path in (folder, manifest) if path.exists() or path.is_symlink()]
     if not earlier:
-        return
+        return None
     if not overwrite:
         raise UserInputError(f"{earlier[0]} already exists: pass --overwrite to replace the files {manifest} lists")
     # Paths as strings, joined the way the folder scan joins them: a dataset can hold 100,000 files.
@@ -92,8 +108,13 @@ def _claim_outputs(folder: Path, manifest: Path, overwrite: bool) -> None:
         others.append(str(imports))
     if others:
         raise UserInputError(_not_listed_message(folder, manifest, others))
-    _remove_files(ours, folder)
-    manifest.unlink(missing_ok=True)  # last: a run stopped halfway can still be replaced
+    return Claim(folder, manifest, ours)
+
+
+def remove_claimed(claim: Claim | None) -> None:
+    if claim is not None:
+        _remove_files(claim.files, claim.folder)
+        claim.manifest.unlink(missing_ok=True)  # last: a run stopped halfway can still be replaced
 
 
 def _listed_paths(manifest: Path) -> list[str]:
@@ -192,16 +213,19 @@ def split_dataset(
     shares = {"test": test, "pseudolabel": pseudo, "val": val}
     _check_split_options(shares, square, size, link)
     images_by_class = _scan_classes(src)
-    if mapping is not None:
-        images_by_class = _mapped_classes(images_by_class, Path(mapping), src)
+    class_of = {cls: cls for cls in images_by_class} if mapping is None else _class_of(images_by_class, Path(mapping),
+                                                                                       src)
     _refuse_overlap(src, dst / IMAGES_DIR, output_inside_source_ok=False)
     _claim_outputs(dst / IMAGES_DIR, dst / MANIFEST, overwrite)
 
     rows = []
     for cls, paths in images_by_class.items():
-        # Seeding per class keeps a class's split unchanged when other classes are added.
+        if class_of[cls] is None:
+            continue
+        # Seeding per source class keeps a class's split unchanged when other classes are added, and a mapping
+        # relabels images without moving them between splits.
         for split, path in _assign_splits(paths, shares, random.Random(f"{seed}:{cls}"), cls):
-            rows.append({"source": str(path.absolute()), "split": split, "class": cls})
+            rows.append({"source": str(path.absolute()), "split": split, "class": class_of[cls]})
     manifest = pd.DataFrame(rows, columns=["source", "split", "class"])
     manifest["path"] = _output_paths(manifest, keep_pseudo_labels)
     manifest = _write_split_files(manifest, dst, square, size, link)
@@ -223,19 +247,17 @@ def _check_split_options(shares: dict[str, float], square: bool, size: int | Non
         raise UserInputError("link cannot be combined with square/size: a symlink cannot hold a resized image")
 
 
-def _mapped_classes(images_by_class: dict[str, list[Path]], mapping: Path, src: Path) -> dict[str, list[Path]]:
-    class_of = read_mapping(mapping, images_by_class, src)
-    unlisted = [cls for cls in images_by_class if cls.casefold() not in class_of]
+def _class_of(images_by_class: dict[str, list[Path]], mapping: Path, src: Path) -> dict[str, str | None]:
+    """Class folder -> its class under `mapping`, None where the mapping drops it."""
+    folded = read_mapping(mapping, images_by_class, src)
+    unlisted = [cls for cls in images_by_class if cls.casefold() not in folded]
     if unlisted:
         raise UserInputError(f"{mapping} does not list the class folder(s) {', '.join(unlisted)} of {src}: map each "
                              "to a class, or to null to leave it out")
-    merged: dict[str, list[Path]] = {}
-    for cls, paths in images_by_class.items():
-        if class_of[cls.casefold()] is not None:
-            merged.setdefault(class_of[cls.casefold()], []).extend(paths)
-    if not merged:
+    class_of = {cls: folded[cls.casefold()] for cls in images_by_class}
+    if not any(class_of.values()):
         raise UserInputError(f"{mapping} drops every class folder of {src}")
-    return merged
+    return class_of
 
 
 def _scan_classes(src: Path) -> dict[str, list[Path]]:

@@ -20,8 +20,8 @@ from PIL import Image
 from detect_waste_cls.data.boxes import read_boxes
 from detect_waste_cls.data.crops import BACKGROUND, BACKGROUND_MAX_IOU, CropGeometry, iou, record_geometry
 from detect_waste_cls.data.images import IMAGE_EXTENSIONS, load_rgb
-from detect_waste_cls.data.prepare import (IMAGES_DIR, _claim_outputs, _refuse_overlap, _save_image, crop_manifest,
-                                           read_mapping)
+from detect_waste_cls.data.prepare import (IMAGES_DIR, _refuse_overlap, _save_image, claimable, crop_manifest,
+                                           read_mapping, remove_claimed)
 from detect_waste_cls.errors import UserInputError
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,9 @@ def crop_boxes(
     splits = sorted({split, "test"} if test else {split})
     for name in splits:
         _refuse_overlap(images, dst / IMAGES_DIR / name, output_inside_source_ok=True)
-        _claim_outputs(dst / IMAGES_DIR / name, crop_manifest(dst, name), overwrite)
+    # Every split is checked before any is cleared: a person's file in one stops the whole run untouched.
+    for claim in [claimable(dst / IMAGES_DIR / name, crop_manifest(dst, name), overwrite) for name in splits]:
+        remove_claimed(claim)
 
     report = CropReport(skipped=dict(read.report.skipped), named=read.report.summary())
     sides = read.boxes[["width", "height"]].to_numpy(dtype=float)
@@ -137,7 +139,7 @@ def photo_splits(photos: list[str], split: str, test: float, seed: int) -> dict[
 
 
 def _class_of(name: str | None, class_of: dict[str, str | None], report: CropReport) -> str | None:
-    if name is None:
+    if not isinstance(name, str) or not name:  # None, or NaN once in a table
         report.skip("no_class")
         return None
     folded = name.casefold()

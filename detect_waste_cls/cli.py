@@ -9,8 +9,9 @@ import logging
 import sys
 from pathlib import Path
 
-from detect_waste_cls.config import (BOX_CATEGORY_SOURCES, BOX_SCORES, DEFAULT_MODEL, SEEDS, ModelConfig, Range,
-                                     TrainConfig, above, at_least, field_doc, field_type, merge, read_config_file)
+from detect_waste_cls.config import (BOX_CATEGORY_SOURCES, BOX_SCORES, DEFAULT_MODEL, REVIEW_BOXES, SEEDS,
+                                     ModelConfig, Range, TrainConfig, above, at_least, field_doc, field_type, merge,
+                                     read_config_file)
 from detect_waste_cls.errors import UserInputError
 
 PORTS = Range(1, 65535)
@@ -108,10 +109,20 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
                             "before removing any if DST/images_square holds anything else (default: off, an existing "
                             "DST/images_square is refused)")
 
-    crop = tasks.add_parser("crop", help="COCO bounding boxes -> class-folder crops")
-    crop.add_argument("--annotations", type=Path, required=True, help="COCO detection JSON (images, annotations, "
-                                                                      "categories)")
-    crop.add_argument("--images", type=Path, required=True, help="folder the json's file_name entries are relative to")
+    split.add_argument("--mapping", type=Path, default=None,
+                       help="JSON file {class folder: class, or null to leave it out} that merges or drops class "
+                            "folders; it lists every class folder (default: none, each folder is a class)")
+
+    crop = tasks.add_parser("crop", help="bounding boxes (COCO, COCO results, corner CSV, YOLO) -> class-folder crops")
+    crop.add_argument("--boxes", "--annotations", dest="boxes", type=Path, required=True,
+                      help="COCO annotations or results .json, a corner .csv (image_name,x_min,y_min,x_max,y_max,"
+                           "class_name) or a folder of YOLO .txt files (docs/boxes.md)")
+    crop.add_argument("--images", type=Path, required=True, help="folder the box file's image names are relative to")
+    crop.add_argument("--image-list", type=Path, default=None,
+                      help="for COCO results: the annotations file or CSV of image_id,file_name their ids refer to "
+                           "(default: none)")
+    crop.add_argument("--names", type=Path, default=None,
+                      help="for YOLO: data.yaml or a text file of class names (default: none)")
     crop.add_argument("--dst", type=Path, required=True,
                       help="dataset folder to write: DST/images_square/SPLIT/<class>/ and DST/manifest-crop-SPLIT.csv, "
                            "which lists every crop written")
@@ -120,9 +131,21 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
                       help="scale boxes about their centre, e.g. 1.2 for some context (default: %(default)s)")
     crop.add_argument("--mapping", default="detectwaste",
                       help="detectwaste (TACO categories -> the seven detect-waste classes), none (category names "
-                           "are the classes), or a JSON file {category: class} (default: %(default)s)")
+                           "are the classes), or a JSON file {category: class, or null to drop it}; categories it "
+                           "does not list are skipped and counted (default: %(default)s)")
     crop.add_argument("--split", choices=("train", "test", "pseudolabel"), default="train",
                       help="the folder of images_square the crops go to (default: %(default)s)")
+    crop.add_argument("--test", type=number(float, Range(0, 1, high_open=True)), default=0.0,
+                      help="share of the photos whose crops go to test/ instead, chosen by --seed; a photo's boxes "
+                           "never straddle two splits (default: %(default)s)")
+    crop.add_argument("--seed", type=number(int, SEEDS), default=0,
+                      help="seed of the photo split and of the background crops (default: %(default)s)")
+    crop.add_argument("--keep-pseudo-labels", action="store_true",
+                      help="keep class subfolders in pseudolabel/ (default: one flat folder, labels dropped)")
+    crop.add_argument("--background", type=number(int, at_least(0)), default=0,
+                      help="also cut up to this many crops per photo from regions that overlap no box (IoU < 0.1), "
+                           "sized like the boxes, into the class `background` that predict --boxes drops "
+                           "(default: %(default)s)")
     crop.add_argument("--overwrite", action="store_true",
                       help="replace an earlier crop into DST/images_square/SPLIT: removes only the files "
                            "DST/manifest-crop-SPLIT.csv lists, and stops before removing any if the folder holds "
@@ -152,6 +175,13 @@ def add_box_arguments(group: argparse._ArgumentGroup) -> None:
                        help="crop geometry (default: as recorded, see --square)")
     group.add_argument("--num-workers", type=number(int, at_least(0)), default=0,
                        help="DataLoader workers decoding photos")
+    group.add_argument("--relabel", metavar="CATEGORY",
+                       help="on COCO annotations: classify only the boxes of this category (e.g. unknown, "
+                            "'Unlabeled litter') and write --out as a new annotations file in which they have the "
+                            "model's class; every other annotation stays as it was")
+    group.add_argument("--review", type=number(int, at_least(0)), metavar="N",
+                       help=f"with --relabel: cut the N least confident relabeled boxes into OUT-review/, a "
+                            f"selection for `label-studio export` (default: {REVIEW_BOXES}; 0: none)")
 
 
 def build_parser(default_model: str = DEFAULT_MODEL) -> argparse.ArgumentParser:
@@ -168,7 +198,8 @@ def build_parser(default_model: str = DEFAULT_MODEL) -> argparse.ArgumentParser:
                          help="a .ckpt file, an exported model folder or a run folder")
     predict.add_argument("--images", type=Path, required=True, help="folder of images (searched recursively)")
     predict.add_argument("--out", type=Path, required=True,
-                         help="CSV file to write (must not exist); with --boxes a COCO results .json, a CSV beside it")
+                         help="CSV file to write (must not exist); with --boxes a COCO results .json (with --relabel, "
+                              "annotations), a CSV beside it")
     predict.add_argument("-b", "--batch-size", type=number(int, at_least(1)), default=64)
     add_box_arguments(predict.add_argument_group("boxes (the second stage of a detector)"))
     export = commands.add_parser("export", help="a checkpoint as a Hugging Face-style folder (safetensors, card, ONNX)")
@@ -286,13 +317,16 @@ def run_prepare(args: argparse.Namespace) -> None:
         manifest = prepare.split_dataset(
             args.src, args.dst, test=args.test, pseudo=args.pseudo, val=args.val,
             keep_pseudo_labels=args.keep_pseudo_labels, square=args.square, size=args.size,
-            link=args.link, seed=args.seed, overwrite=args.overwrite,
+            link=args.link, seed=args.seed, mapping=args.mapping, overwrite=args.overwrite,
         )
         print(manifest.groupby(["split", "class"]).size().unstack(fill_value=0).to_string())
     else:
-        report = prepare.crop_coco(
-            args.annotations, args.images, args.dst, square=args.square, zoom=args.zoom,
-            mapping=args.mapping, split=args.split, overwrite=args.overwrite,
+        from detect_waste_cls.data.prepare_crops import crop_boxes
+
+        report = crop_boxes(
+            args.boxes, args.images, args.dst, image_list=args.image_list, names=args.names, square=args.square,
+            zoom=args.zoom, mapping=args.mapping, split=args.split, test=args.test, seed=args.seed,
+            keep_pseudo_labels=args.keep_pseudo_labels, background=args.background, overwrite=args.overwrite,
         )
         print(report.summary())
 
@@ -309,8 +343,8 @@ def dispatch(args: argparse.Namespace, default_model: str) -> None:
                                names=args.names, score=args.score, min_score=args.min_score,
                                keep_background=args.keep_background, categories=args.categories,
                                square=args.square, zoom=args.zoom, batch_size=args.batch_size,
-                               num_workers=args.num_workers)
-        print(f"{report.summary()}\nwrote {args.out} and {args.out.with_suffix('.csv')}")
+                               num_workers=args.num_workers, relabel=args.relabel, review=args.review)
+        print(report.summary())
     elif args.command == "predict":
         from detect_waste_cls.predict import predict_folder
 

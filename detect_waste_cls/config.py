@@ -39,10 +39,11 @@ RESUME_AUTO = "auto"  # --resume auto: continue the run in --out from its newest
 # The checkpoint that is tested, exported and teaches the next round: lowest val/loss, or the end of training.
 FINAL_CHECKPOINTS = ("best", "last")
 LOGGER_NAMES = ("csv", "tensorboard", "wandb", "mlflow")
-# predict --boxes: what a result's score is, and whose categories number its category_id. Here, not beside the box
-# reader (pandas), so that the CLI builds its parser without importing pandas.
+# predict --boxes: what a result's score is, whose categories number its category_id, and how many relabeled boxes
+# go to review. Here, not beside the box reader (pandas), so that the CLI builds its parser without importing pandas.
 BOX_SCORES = ("classifier", "detector", "product")
 BOX_CATEGORY_SOURCES = ("boxes", "model")
+REVIEW_BOXES = 50  # with --relabel: how many of the least confident relabeled boxes a person is asked to check
 DEFAULT_MODEL = "efficientnet-lite0"
 # What the "default" values of OptimConfig resolve to (see OptimConfig.resolved).
 FINETUNE_LR = 1e-3  # head learning rate when fine-tuning from weights

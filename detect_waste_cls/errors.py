@@ -11,3 +11,10 @@ def check_new_folder(out: Path) -> Path:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserInputError(f"{out} already exists and is not empty; choose another --out")
     return out
+
+
+def check_new_path(out: Path) -> Path:
+    """`out` if nothing is there: a command that writes a file refuses to replace one."""
+    if out.exists():
+        raise UserInputError(f"{out} already exists; choose another --out")
+    return out

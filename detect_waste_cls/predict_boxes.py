@@ -1,6 +1,7 @@
 """`predict --boxes`: the second stage of a two-stage system. Every box of a box file (a detector's output or
 annotations) is cropped with the crop geometry the model was trained on, classified flip-averaged in batches
-(each photo decoded once, for all its boxes), and written back as COCO results, plus a CSV beside them."""
+(each photo decoded once, for all its boxes), and written back as COCO results, plus a CSV beside them; or, with
+--relabel, only the boxes of one category of an annotations file, written back into a new one (relabel.py)."""
 
 from __future__ import annotations
 
@@ -15,31 +16,41 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from detect_waste_cls.config import BOX_CATEGORY_SOURCES, BOX_SCORES, RECORD_KEY
+from detect_waste_cls.config import BOX_CATEGORY_SOURCES, BOX_SCORES, RECORD_KEY, REVIEW_BOXES
 from detect_waste_cls.data import batch as keys
 from detect_waste_cls.data.boxes import BoxReport, read_boxes
-from detect_waste_cls.data.crops import GEOMETRY_KEY, CropGeometry, geometry_from_record, recorded_geometry
+from detect_waste_cls.data.crops import (BACKGROUND, GEOMETRY_KEY, CropGeometry, geometry_from_record,
+                                         recorded_geometry)
 from detect_waste_cls.data.images import load_rgb, resolve_images_square
-from detect_waste_cls.errors import UserInputError
+from detect_waste_cls.errors import UserInputError, check_new_path
 from detect_waste_cls.export import CONFIG_FILE, CalibratedLogits, load_model, one_model, read_run_file
+from detect_waste_cls.labeling import SELECTION_CSV
 from detect_waste_cls.models.flip import flip_averaged
+from detect_waste_cls.output_folder import new_output_files
+from detect_waste_cls.relabel import RelabelSource, review_folder, write_relabeled
 
 log = logging.getLogger(__name__)
-
-BACKGROUND = "background"  # the class that rejects a detector's false positives (detect-waste's 8th)
-
 
 @dataclass
 class BoxPredictionReport:
     boxes: BoxReport
     geometry: CropGeometry
+    relabeled: str | None = None  # with --relabel: the category whose boxes were classified
     written: int = 0
-    skipped: dict[str, int] = field(default_factory=dict)  # boxes read but not written, by reason
+    skipped: dict[str, int] = field(default_factory=dict)  # boxes read but not written (relabeled), by reason
+    outputs: list[Path] = field(default_factory=list)
 
     def summary(self) -> str:
         reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(self.skipped.items())) or "none"
-        return (f"{self.boxes.summary()}\ncropped with square {self.geometry.square}, zoom {self.geometry.zoom:g}; "
-                f"wrote {self.written} results; left out {reasons}")
+        done = (f"relabeled {self.written} {self.relabeled!r} boxes" if self.relabeled
+                else f"wrote {self.written} results")
+        lines = [self.boxes.summary(), f"cropped with square {self.geometry.square}, zoom {self.geometry.zoom:g}; "
+                 f"{done}; left out {reasons}", f"wrote {', '.join(map(str, self.outputs))}"]
+        review = review_folder(self.outputs[0]) if self.outputs else None
+        if review in self.outputs:
+            lines.append(f"for a person to check the least confident: detect-waste-cls label-studio export --data "
+                         f"{review} --selection {review / SELECTION_CSV} --out PROJECT")
+        return "\n".join(lines)
 
 
 class PhotoCrops(Dataset):
@@ -133,7 +144,7 @@ def category_ids(classes: list[str], categories: dict[int, str], *, source: str,
     if source == "model" or not categories:
         return {name: number for number, name in enumerate(classes, start=1)}
     by_name = {name.casefold(): category_id for category_id, name in categories.items()}
-    written = [name for name in classes if keep_background or name != BACKGROUND]
+    written = written_classes(classes, keep_background)
     missing = [name for name in written if name.casefold() not in by_name]
     if missing:
         raise UserInputError(f"the model's classes {missing} are not categories of {boxes_file} "
@@ -142,24 +153,39 @@ def category_ids(classes: list[str], categories: dict[int, str], *, source: str,
     return {name: by_name[name.casefold()] for name in written}
 
 
+def written_classes(classes: list[str], keep_background: bool) -> list[str]:
+    return [name for name in classes if keep_background or name != BACKGROUND]
+
+
 def predict_boxes(boxes_file: str | Path, checkpoint: str | Path, images: str | Path, out: str | Path, *,
                   image_list: str | Path | None = None, names: str | Path | None = None,
                   score: str = "classifier", min_score: float | None = None, keep_background: bool = False,
                   categories: str = "boxes", square: bool | None = None, zoom: float | None = None,
-                  batch_size: int = 64, num_workers: int = 0) -> BoxPredictionReport:
+                  batch_size: int = 64, num_workers: int = 0, relabel: str | None = None,
+                  review: int | None = None) -> BoxPredictionReport:
     """Classify every box and write `out` (COCO results, one per box, the class probabilities in
-    "class_probabilities") and a CSV of the same stem beside it. See read_boxes for the box formats."""
+    "class_probabilities") and a CSV of the same stem beside it. See read_boxes for the box formats.
+
+    With `relabel`, a category of the COCO annotations file `boxes_file`: classify its boxes only, and write `out`
+    as a new annotations file (see relabel.py), a CSV beside it, and the `review` (default REVIEW_BOXES) least
+    confident in a review folder for Label Studio. Either way the outputs appear together or not at all."""
     boxes_file, checkpoint, images, out = Path(boxes_file), Path(checkpoint), Path(images), Path(out)
     out_csv = out.with_suffix(".csv")
-    _check_options(out, out_csv, score, min_score, categories, batch_size)
+    _check_relabel_options(boxes_file, out, relabel, review, categories)
+    _check_options([out, out_csv] + ([review_folder(out)] if relabel is not None else []), score, min_score,
+                   categories, batch_size)
+    source = None if relabel is None else RelabelSource.open(boxes_file, relabel)
     read = read_boxes(boxes_file, images=images, image_list=image_list, names=names)
-    table = read.boxes
+    table = read.boxes if source is None else source.boxes_to_relabel(read.boxes)
     _check_detector_scores(table, boxes_file, score, min_score)
     geometry = resolve_geometry(checkpoint, square, zoom)
     model = load_model(checkpoint)
-    ids = category_ids(model.classes, read.categories, source=categories, boxes_file=boxes_file,
-                       keep_background=keep_background)
-    report = BoxPredictionReport(read.report, geometry)
+    if source is None:
+        ids = category_ids(model.classes, read.categories, source=categories, boxes_file=boxes_file,
+                           keep_background=keep_background)
+    else:
+        ids, added = source.category_ids_of(written_classes(model.classes, keep_background))
+    report = BoxPredictionReport(read.report, geometry, relabeled=None if source is None else source.category)
     if min_score is not None:
         report.skipped["below_min_score"] = int((table["score"] < min_score).sum())
         table = table[table["score"] >= min_score].reset_index(drop=True)
@@ -171,16 +197,37 @@ def predict_boxes(boxes_file: str | Path, checkpoint: str | Path, images: str | 
         report.skipped["background"] = int((results["class"] == BACKGROUND).sum())
         results = results[results["class"] != BACKGROUND]
     report.skipped = {reason: count for reason, count in report.skipped.items() if count}
-    _write(results, out, out_csv, model.classes)
+    if source is None:
+        report.outputs = [out, out_csv]
+        with new_output_files(report.outputs) as folder:
+            _write(results, folder / out.name, folder / out_csv.name, model.classes)
+    else:
+        report.outputs = write_relabeled(source, results, model.classes, added, out=out, images=images,
+                                         geometry=geometry, review=REVIEW_BOXES if review is None else review)
     report.written = len(results)
     return report
 
 
-def _check_options(out: Path, out_csv: Path, score: str, min_score: float | None, categories: str,
+def _check_relabel_options(boxes_file: Path, out: Path, relabel: str | None, review: int | None,
+                           categories: str) -> None:
+    if relabel is None:
+        if review is not None:
+            raise UserInputError("--review N: the boxes to check are those --relabel CATEGORY relabels; give it too")
+        return
+    if out.resolve() == boxes_file.resolve():
+        raise UserInputError(f"--out {out} is the --boxes file: --relabel writes a new annotations file, never "
+                             "over its input")
+    if review is not None and review < 0:
+        raise UserInputError(f"--review must be at least 0, got {review}")
+    if categories != "boxes":
+        raise UserInputError(f"--relabel keeps the annotations file's categories: leave out --categories {categories}")
+
+
+def _check_options(outputs: list[Path], score: str, min_score: float | None, categories: str,
                    batch_size: int) -> None:
-    for path in (out, out_csv):
-        if path.exists():
-            raise UserInputError(f"{path} already exists; choose another --out")
+    for path in outputs:
+        check_new_path(path)
+    out = outputs[0]
     if out.suffix.lower() != ".json":
         raise UserInputError(f"--out {out}: name a .json file (the CSV is written beside it)")
     if score not in BOX_SCORES:
@@ -220,7 +267,7 @@ def _results(table: pd.DataFrame, probabilities: torch.Tensor, classes: list[str
     classified = ~probabilities[:, 0].isnan()
     table, probabilities = table[classified.numpy()].reset_index(drop=True), probabilities[classified]
     confidence, label = probabilities.max(dim=1)
-    results = table[["file_name", "image_id", "x", "y", "width", "height"]].copy()
+    results = table[["file_name", "image_id", "x", "y", "width", "height", "row"]].copy()
     results["class"] = [classes[index] for index in label.tolist()]
     results["category_id"] = results["class"].map(ids)
     results["classifier_score"] = confidence.numpy()
@@ -240,7 +287,6 @@ def _write(results: pd.DataFrame, out: Path, out_csv: Path, classes: list[str]) 
                for image_id, bbox, category_id, score, row_probabilities in zip(
                    results["image_id"], results[["x", "y", "width", "height"]].to_numpy(), results["category_id"],
                    results["score"], probabilities)]
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(records))
     results.to_csv(out_csv, index=False)
 

@@ -1,5 +1,5 @@
 """Litter in the wild: boxes in (every format, bad rows counted), one crop geometry at training and inference,
-`predict --boxes` (COCO results) and `evaluate-boxes` (COCO mAP, box-level confusion)."""
+`predict --boxes` (COCO results; --relabel, annotations) and `evaluate-boxes` (COCO mAP, box-level confusion)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from detect_waste_cls import predict_boxes as predict_boxes_module
 from detect_waste_cls.cli import main
 from detect_waste_cls.data.boxes import read_boxes
 from detect_waste_cls.data.crops import CropGeometry, recorded_geometry
-from detect_waste_cls.data.prepare import crop_coco
+from detect_waste_cls.data.prepare_crops import crop_boxes
 from detect_waste_cls.errors import UserInputError
 from detect_waste_cls.evaluate_boxes import evaluate_boxes
 from detect_waste_cls.export import load_model
@@ -72,7 +72,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("wild")
     annotations = write_coco(root / "photos", photos=10)
     for split in ("train", "test"):
-        crop_coco(annotations, root / "photos" / "images", root / "data", square=GEOMETRY.square,
+        crop_boxes(annotations, root / "photos" / "images", root / "data", square=GEOMETRY.square,
                   zoom=GEOMETRY.zoom, mapping="none", split=split)
     assert main(train_args(root / "data", root / "run", "--epochs", "4")) == 0
     return annotations, root / "photos" / "images", final_checkpoint(root / "run")
@@ -214,7 +214,7 @@ def test_a_file_of_no_known_format_is_one_clear_error(tmp_path: Path) -> None:
 def test_same_box_gives_the_same_pixels_at_training_and_at_inference(tmp_path: Path) -> None:
     annotations = write_coco(tmp_path / "photos", photos=2)
     images = tmp_path / "photos" / "images"
-    crop_coco(annotations, images, tmp_path / "data", square=True, zoom=1.4, mapping="none", split="pseudolabel")
+    crop_boxes(annotations, images, tmp_path / "data", square=True, zoom=1.4, mapping="none", split="pseudolabel")
     geometry = recorded_geometry(tmp_path / "data")
     assert geometry == CropGeometry(square=True, zoom=1.4)
 
@@ -325,6 +325,123 @@ def test_predict_boxes_refuses_what_it_cannot_do_before_any_work(trained, tmp_pa
     assert {r["category_id"] for r in json.loads((tmp_path / "r.json").read_text())} <= {1, 2, 3}
 
 
+def write_unlabeled(annotations: Path, out: Path) -> Path:
+    """The scenes as a TACO-like file: every paper box and the glass boxes of odd photos are "Unlabeled litter"
+    (id 9), and the file has no paper category; extra fields everywhere, as real files have."""
+    coco = json.loads(annotations.read_text())
+    coco["info"], coco["licenses"] = {"description": "wild"}, [{"id": 1, "name": "CC BY 4.0"}]
+    coco["categories"] = [{**c, "supercategory": "litter"} for c in coco["categories"] if c["name"] != "paper"]
+    coco["categories"].append({"id": 9, "name": "Unlabeled litter", "supercategory": "litter"})
+    for annotation in coco["annotations"]:
+        annotation["segmentation"] = [[0, 0, 1, 0, 1, 1]]
+        if annotation["category_id"] == 2 or (annotation["category_id"] == 1 and annotation["image_id"] % 2):
+            annotation["category_id"] = 9
+    out.write_text(json.dumps(coco, indent=2))
+    return out
+
+
+def relabel_args(annotations: Path, checkpoint: Path, images: Path, out: Path, *extra: str) -> list[str]:
+    return ["predict", "--boxes", str(annotations), "--checkpoint", str(checkpoint), "--images", str(images),
+            "--out", str(out), "--relabel", "unlabeled litter", *extra]
+
+
+def test_relabel_classifies_the_unlabeled_boxes_into_a_new_annotations_file(trained, tmp_path: Path,
+                                                                            capsys) -> None:
+    annotations, images, checkpoint = trained
+    source = write_unlabeled(annotations, tmp_path / "taco.json")
+    given, out = source.read_bytes(), tmp_path / "relabeled.json"
+    assert main(relabel_args(source, checkpoint, images, out, "--review", "4", "-b", "4")) == 0
+    assert source.read_bytes() == given
+    printed = capsys.readouterr().out
+    assert "relabeled" in printed and "label-studio export --data" in printed
+
+    original, relabeled = json.loads(given), json.loads(out.read_text())
+    assert {key: value for key, value in relabeled.items() if key not in ("annotations", "categories")} == {
+        key: value for key, value in original.items() if key not in ("annotations", "categories")}
+    assert relabeled["categories"] == original["categories"] + [{"id": 10, "name": "paper"}]  # the model's, added
+    coco = COCO(str(out))
+    assert {a["category_id"] for a in relabeled["annotations"]} <= set(coco.getCatIds())
+    unlabeled = [number for number, a in enumerate(original["annotations"]) if a["category_id"] == 9]
+    changed = [number for number, a in enumerate(relabeled["annotations"]) if "classifier_score" in a]
+    assert len(unlabeled) == 15 and set(changed) <= set(unlabeled) and len(changed) >= 10
+    for number, (before, after) in enumerate(zip(original["annotations"], relabeled["annotations"], strict=True)):
+        if number not in changed:
+            assert after == before  # every value as it was; the background ones keep their category
+            continue
+        chosen = max(after["class_probabilities"], key=after["class_probabilities"].get)
+        assert coco.cats[after["category_id"]]["name"] == chosen != "background"
+        assert after["classifier_score"] == pytest.approx(after["class_probabilities"][chosen])
+        assert {key: value for key, value in after.items() if key not in (
+            "category_id", "classifier_score", "class_probabilities")} == {
+            key: value for key, value in before.items() if key != "category_id"}
+    assert len(pd.read_csv(out.with_suffix(".csv"))) == len(changed)
+
+    # The 4 least confident, least first, cut as the model's training crops were, go to Label Studio.
+    review = tmp_path / "relabeled-review"
+    selection = pd.read_csv(review / "selection.csv")
+    scores = sorted(relabeled["annotations"][number]["classifier_score"] for number in changed)
+    np.testing.assert_allclose(selection["confidence"], scores[:4], rtol=1e-6)
+    by_name = {f"{Path(coco.imgs[a['image_id']]['file_name']).stem}_{a['id']}.png": a
+               for a in relabeled["annotations"]}
+    for path, predicted in zip(selection["path"], selection["predicted"]):
+        box = by_name[Path(path).name]
+        assert coco.cats[box["category_id"]]["name"] == predicted
+        pixels = np.asarray(Image.open(images / coco.imgs[box["image_id"]]["file_name"]).convert("RGB"))
+        np.testing.assert_array_equal(np.asarray(Image.open(path)), GEOMETRY.crop(pixels, box["bbox"]))
+    project = tmp_path / "project"
+    assert main(["label-studio", "export", "--data", str(review), "--selection", str(review / "selection.csv"),
+                 "--out", str(project)]) == 0
+    tasks = json.loads((project / "tasks.json").read_text())
+    assert [task["data"]["path"] for task in tasks] == list(selection["path"])
+    assert [task["predictions"][0]["result"][0]["value"]["choices"] for task in tasks] == [
+        [name] for name in selection["predicted"]]
+
+
+def test_relabel_never_overwrites_and_refuses_before_any_work(trained, tmp_path: Path, capsys) -> None:
+    annotations, images, checkpoint = trained
+    source = write_unlabeled(annotations, tmp_path / "taco.json")
+    given = source.read_bytes()
+    (tmp_path / "taken.csv").write_text("mine")
+    for out, extra, message in ((source, (), "is the --boxes file"),
+                                (tmp_path / "taken.json", (), "taken.csv already exists"),
+                                (tmp_path / "new" / "r.json", ("--categories", "model"), "leave out --categories")):
+        with pytest.raises(UserInputError, match=message):
+            predict_boxes(source, checkpoint, images, out, relabel="Unlabeled litter",
+                          categories=extra[1] if extra else "boxes")
+    with pytest.raises(UserInputError, match="'unknown': .* has no such category .*Unlabeled litter"):
+        predict_boxes(source, checkpoint, images, tmp_path / "new" / "r.json", relabel="unknown")
+    with pytest.raises(UserInputError, match="needs a COCO annotations file"):
+        predict_boxes(tmp_path / "taken.csv", checkpoint, images, tmp_path / "new" / "r.json", relabel="unknown")
+    with pytest.raises(UserInputError, match="--review N: .* --relabel"):
+        predict_boxes(annotations, checkpoint, images, tmp_path / "new" / "r.json", review=3)
+    with pytest.raises(SystemExit):
+        main(relabel_args(source, checkpoint, images, tmp_path / "new" / "r.json", "--review", "-1"))
+    assert "argument --review: -1: must be >= 0" in capsys.readouterr().err
+    assert source.read_bytes() == given
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["taco.json", "taken.csv"]
+
+
+@pytest.mark.parametrize("relabel", [None, "Unlabeled litter"])
+def test_a_failure_while_writing_leaves_no_output_and_the_retry_works(trained, tmp_path: Path, monkeypatch,
+                                                                      relabel) -> None:
+    annotations, images, checkpoint = trained
+    source = annotations if relabel is None else write_unlabeled(annotations, tmp_path / "taco.json")
+    out = tmp_path / "new" / "out.json"  # its parent is made for it, and goes with it
+    options = {} if relabel is None else {"relabel": relabel}
+
+    def disk_full(*args, **kwargs):
+        raise OSError("disk full")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(pd.DataFrame, "to_csv", disk_full)  # the JSON is written by then
+        with pytest.raises(OSError, match="disk full"):
+            predict_boxes(source, checkpoint, images, out, **options)
+    assert [path for path in tmp_path.iterdir() if path != source] == []
+    report = predict_boxes(source, checkpoint, images, out, **options)
+    assert sorted(path.name for path in out.parent.iterdir()) == sorted(path.name for path in report.outputs)
+    assert len(report.outputs) == (3 if relabel else 2)
+
+
 MOVED_GEOMETRY = CropGeometry(square=False, zoom=1.5)
 
 
@@ -334,7 +451,7 @@ def moved_dataset(tmp_path_factory):
     (annotations, images, run folder, the dataset's new place)."""
     root = tmp_path_factory.mktemp("moved")
     annotations = write_coco(root / "photos", photos=6)
-    crop_coco(annotations, root / "photos" / "images", root / "data", square=MOVED_GEOMETRY.square,
+    crop_boxes(annotations, root / "photos" / "images", root / "data", square=MOVED_GEOMETRY.square,
               zoom=MOVED_GEOMETRY.zoom, mapping="none", split="train")
     assert main(train_args(root / "data", root / "run", "--epochs", "1")) == 0
     (root / "data").rename(root / "renamed")
@@ -354,8 +471,8 @@ def assert_classifies_the_prepared_crops(model_path: Path, moved_dataset, out: P
     model = load_model(model_path)
     prepared = [np.asarray(Image.open(dataset / path).convert("RGB")) for path in crops["path"]]
     expected = model.predict_images(prepared, flip_tta=True).numpy()
-    got = [list(records[boxes[annotation_id]]["class_probabilities"].values()) for annotation_id in
-           crops["annotation_id"]]
+    got = [list(records[boxes[box_id]]["class_probabilities"].values()) for box_id in
+           crops["box_id"]]
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
 

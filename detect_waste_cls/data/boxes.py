@@ -21,7 +21,8 @@ from detect_waste_cls.errors import UserInputError
 
 # One row per box. x, y, width, height: COCO's box in pixels of the upright image. score: the detector's (NaN when
 # the file has none). class_name: None when the file names no class. row: where the box is in its file.
-BOX_COLUMNS = ("file_name", "image_id", "x", "y", "width", "height", "score", "class_name", "row")
+# box_id: the COCO annotation's id, else the box's number in its file (a results index, a CSV or YOLO line).
+BOX_COLUMNS = ("file_name", "image_id", "x", "y", "width", "height", "score", "class_name", "row", "box_id")
 IMAGE_COLUMNS = ("image_id", "file_name", "width", "height")
 CORNER_COLUMNS = ("image_name", "x_min", "y_min", "x_max", "y_max")  # optional: class_name, score
 SHOWN_PROBLEMS = 5
@@ -125,7 +126,7 @@ def read_results(path: Path, images_table: pd.DataFrame, categories: dict[int, s
             report.skip(path, row, "unknown_category")
             continue
         score = item.get("score")
-        rows.append(_raw_row(file_of.get(image_id), image_id, item.get("bbox"), row,
+        rows.append(_raw_row(file_of.get(image_id), image_id, item.get("bbox"), row, box_id=number,
                              score=math.nan if score is None else score, class_name=categories.get(category)))
     return _validated(path, rows, images_table, categories, images, report)
 
@@ -157,6 +158,11 @@ def load_json(path: Path, what: str) -> object:
         raise UserInputError(f"{what} {path} is not valid JSON: {error}") from error
 
 
+def coco_annotation_row(position: int) -> str:
+    """How a box table's `row` names the annotation at `position` in a COCO annotations file."""
+    return f"annotations[{position}]"
+
+
 def to_coco(boxes: Boxes) -> dict:
     """A COCO annotations dict of the boxes (ids kept; annotation ids numbered from 1), e.g. ground truth
     read from a CSV, for tools that take only COCO."""
@@ -181,14 +187,16 @@ def _read_coco_annotations(path: Path, content: object, images: Path | None) -> 
     file_of = dict(zip(images_table["image_id"], images_table["file_name"]))
     report, rows = BoxReport(), []
     for number, item in enumerate(content["annotations"]):
-        row = f"annotations[{number}]"
+        row = coco_annotation_row(number)
         if not isinstance(item, dict):
             report.skip(path, row, "not_an_object")
         elif _id(item.get("category_id")) not in categories:
             report.skip(path, row, "unknown_category")
         else:
             image_id = _id(item.get("image_id"))
+            box_id = _id(item.get("id"))
             rows.append(_raw_row(file_of.get(image_id), image_id, item.get("bbox"), row,
+                                 box_id=number if box_id is None else box_id,
                                  class_name=categories[item["category_id"]]))
     return _validated(path, rows, images_table, categories, images, report)
 
@@ -219,7 +227,7 @@ def _read_corners(path: Path, images: Path) -> Boxes:
         left, top, right, bottom = corners
         bbox = None if None in corners else (left, top, right - left, bottom - top)
         class_name = (item.class_name or None) if has_class else None
-        rows.append(_raw_row(item.image_name, id_of.get(item.image_name), bbox, f"line {number}",
+        rows.append(_raw_row(item.image_name, id_of.get(item.image_name), bbox, f"line {number}", box_id=number,
                              score=item.score if has_score else math.nan, class_name=class_name))
     names = sorted({row["class_name"] for row in rows if row["class_name"]})
     categories = {number: name for number, name in enumerate(names, start=1)}
@@ -254,7 +262,7 @@ def _read_yolo(folder: Path, images: Path, names_file: Path | None) -> Boxes:
                 continue
             width, height = size
             bbox = ((centre_x - w / 2) * width, (centre_y - h / 2) * height, w * width, h * height)
-            rows.append(_raw_row(matches[0], id_of[matches[0]], bbox, row, source=label_file,
+            rows.append(_raw_row(matches[0], id_of[matches[0]], bbox, row, source=label_file, box_id=number,
                                  score=fields[5] if len(fields) == 6 else math.nan,
                                  class_name=names[int(index)] if names else None))
     categories = {number: name for number, name in enumerate(names, start=1)}
@@ -279,9 +287,9 @@ def _yolo_names(path: Path) -> list[str]:
 # ---------------------------------------------------------------- shared checks
 
 
-def _raw_row(file_name, image_id, bbox, row: str, *, score=math.nan, class_name=None, source=None) -> dict:
+def _raw_row(file_name, image_id, bbox, row: str, *, box_id, score=math.nan, class_name=None, source=None) -> dict:
     return {"file_name": file_name, "image_id": image_id, "bbox": bbox, "score": score, "class_name": class_name,
-            "row": row, "source": source}
+            "row": row, "box_id": box_id, "source": source}
 
 
 def _validated(path: Path, rows: list[dict], images_table: pd.DataFrame, categories: dict[int, str],
@@ -312,7 +320,8 @@ def _validated(path: Path, rows: list[dict], images_table: pd.DataFrame, categor
         if reason:
             report.skip(item["source"] or path, item["row"], reason)
         else:
-            kept.append((item["file_name"], item["image_id"], *bbox, score, item["class_name"], item["row"]))
+            kept.append((item["file_name"], item["image_id"], *bbox, score, item["class_name"], item["row"],
+                         item["box_id"]))
     report.read = len(kept)
     return Boxes(pd.DataFrame(kept, columns=list(BOX_COLUMNS)), images_table, categories, report)
 

@@ -18,6 +18,11 @@ GEOMETRY_FILE = "crop_geometry.json"
 # The key of the geometry a model was trained with, {"square": bool, "zoom": float}: under the run's config.json's
 # record (run_folder.write_config) and in an exported folder's config.json.
 GEOMETRY_KEY = "crop_geometry"
+# The class of crops that hold no litter: `prepare crop --background` cuts them, and `predict --boxes` drops the boxes
+# a model puts in it (a detector's false positives; detect-waste's 8th class).
+BACKGROUND = "background"
+# A background region overlaps every box of its photo less than this (intersection over union).
+BACKGROUND_MAX_IOU = 0.1
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,14 @@ class CropGeometry:
             return None
         left, top, right, bottom = region
         return pixels[top:bottom, left:right]
+
+
+def iou(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:
+    """Intersection over union of two COCO [x, y, w, h] boxes."""
+    width = max(0.0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
+    height = max(0.0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
+    inter = width * height
+    return inter / (a[2] * a[3] + b[2] * b[3] - inter)
 
 
 def record_geometry(dataset: Path, split: str, geometry: CropGeometry) -> None:

@@ -1,4 +1,4 @@
-"""Build `images_square/{train,test,pseudolabel}` from class folders or from COCO boxes.
+"""Build `images_square/{train,test,pseudolabel}` from class folders (here) or from boxes (prepare_crops.py).
 
 Each entry point lists every file it writes in a manifest: `split` in DST/manifest.csv, `crop` in
 DST/manifest-crop-<split>.csv. Both refuse to replace earlier output unless asked (--overwrite), and
@@ -13,17 +13,16 @@ import logging
 import os
 import random
 import shutil
-from collections import Counter, defaultdict
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from PIL import Image
 
-from detect_waste_cls.data.boxes import load_json, valid_xywh
-from detect_waste_cls.data.crops import CropGeometry, record_geometry
-from detect_waste_cls.data.images import (IMAGE_EXTENSIONS, IMPORTS_MANIFEST, class_folders, load_rgb,
+from detect_waste_cls.data.boxes import load_json
+from detect_waste_cls.data.images import (IMPORTS_MANIFEST, class_folders, load_rgb,
                                           read_imports_manifest, scan_images)
 from detect_waste_cls.errors import UserInputError
 
@@ -31,8 +30,6 @@ log = logging.getLogger(__name__)
 
 IMAGES_DIR = "images_square"
 MANIFEST = "manifest.csv"
-COCO_SPLITS = ("train", "test", "pseudolabel")
-CROP_COLUMNS = ("source", "annotation_id", "split", "class", "path")
 # Written by the operating system's file browser, not by a person: neither removed nor a reason to stop.
 OS_METADATA = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
 SHOWN_FILES = 20  # an error lists this many files, then a count
@@ -83,9 +80,24 @@ def _claim_outputs(folder: Path, manifest: Path, overwrite: bool) -> None:
 
     Anything else in `folder` stops this before one file is removed: it is what a person made.
     """
+    remove_claimed(claimable(folder, manifest, overwrite))
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What replacing an earlier output removes: its listed files under `folder`, then `manifest`."""
+
+    folder: Path
+    manifest: Path
+    files: list[str]
+
+
+def claimable(folder: Path, manifest: Path, overwrite: bool) -> Claim | None:
+    """The claim on `folder`, or an error naming what forbids it; removes nothing, so a command writing several
+    folders checks them all before it removes anything. None when there is no earlier output."""
     earlier = [path for path in (folder, manifest) if path.exists() or path.is_symlink()]
     if not earlier:
-        return
+        return None
     if not overwrite:
         raise UserInputError(f"{earlier[0]} already exists: pass --overwrite to replace the files {manifest} lists")
     # Paths as strings, joined the way the folder scan joins them: a dataset can hold 100,000 files.
@@ -96,8 +108,13 @@ def _claim_outputs(folder: Path, manifest: Path, overwrite: bool) -> None:
         others.append(str(imports))
     if others:
         raise UserInputError(_not_listed_message(folder, manifest, others))
-    _remove_files(ours, folder)
-    manifest.unlink(missing_ok=True)  # last: a run stopped halfway can still be replaced
+    return Claim(folder, manifest, ours)
+
+
+def remove_claimed(claim: Claim | None) -> None:
+    if claim is not None:
+        _remove_files(claim.files, claim.folder)
+        claim.manifest.unlink(missing_ok=True)  # last: a run stopped halfway can still be replaced
 
 
 def _listed_paths(manifest: Path) -> list[str]:
@@ -185,24 +202,30 @@ def _save_image(image: Image.Image, path: Path) -> None:
 def split_dataset(
     src: str | Path, dst: str | Path, *, test: float = 0.2, pseudo: float = 0.6, val: float = 0.0,
     keep_pseudo_labels: bool = False, square: bool = False, size: int | None = None,
-    link: bool = False, seed: int = 0, overwrite: bool = False,
+    link: bool = False, seed: int = 0, mapping: str | Path | None = None, overwrite: bool = False,
 ) -> pd.DataFrame:
     """Split `src/<class>/*` into `dst/images_square/<split>/`, stratified and seeded.
 
-    Writes and returns the manifest (source, split, class, path relative to dst).
+    `mapping`: a JSON file {class folder: class, or null to drop it} that merges or drops class folders; it must
+    list every class folder. Writes and returns the manifest (source, split, class, path relative to dst).
     """
     src, dst = Path(src), Path(dst)
     shares = {"test": test, "pseudolabel": pseudo, "val": val}
     _check_split_options(shares, square, size, link)
     images_by_class = _scan_classes(src)
+    class_of = {cls: cls for cls in images_by_class} if mapping is None else _class_of(images_by_class, Path(mapping),
+                                                                                       src)
     _refuse_overlap(src, dst / IMAGES_DIR, output_inside_source_ok=False)
     _claim_outputs(dst / IMAGES_DIR, dst / MANIFEST, overwrite)
 
     rows = []
     for cls, paths in images_by_class.items():
-        # Seeding per class keeps a class's split unchanged when other classes are added.
+        if class_of[cls] is None:
+            continue
+        # Seeding per source class keeps a class's split unchanged when other classes are added, and a mapping
+        # relabels images without moving them between splits.
         for split, path in _assign_splits(paths, shares, random.Random(f"{seed}:{cls}"), cls):
-            rows.append({"source": str(path.absolute()), "split": split, "class": cls})
+            rows.append({"source": str(path.absolute()), "split": split, "class": class_of[cls]})
     manifest = pd.DataFrame(rows, columns=["source", "split", "class"])
     manifest["path"] = _output_paths(manifest, keep_pseudo_labels)
     manifest = _write_split_files(manifest, dst, square, size, link)
@@ -222,6 +245,19 @@ def _check_split_options(shares: dict[str, float], square: bool, size: int | Non
         raise UserInputError(f"size must be a positive number of pixels, got {size}")
     if link and (square or size):
         raise UserInputError("link cannot be combined with square/size: a symlink cannot hold a resized image")
+
+
+def _class_of(images_by_class: dict[str, list[Path]], mapping: Path, src: Path) -> dict[str, str | None]:
+    """Class folder -> its class under `mapping`, None where the mapping drops it."""
+    folded = read_mapping(mapping, images_by_class, src)
+    unlisted = [cls for cls in images_by_class if cls.casefold() not in folded]
+    if unlisted:
+        raise UserInputError(f"{mapping} does not list the class folder(s) {', '.join(unlisted)} of {src}: map each "
+                             "to a class, or to null to leave it out")
+    class_of = {cls: folded[cls.casefold()] for cls in images_by_class}
+    if not any(class_of.values()):
+        raise UserInputError(f"{mapping} drops every class folder of {src}")
+    return class_of
 
 
 def _scan_classes(src: Path) -> dict[str, list[Path]]:
@@ -255,14 +291,15 @@ def _assign_splits(
 
 
 def _output_paths(manifest: pd.DataFrame, keep_pseudo_labels: bool) -> list[str]:
-    names = [Path(source).name for source in manifest["source"]]
-    flat = [split == "pseudolabel" and not keep_pseudo_labels for split in manifest["split"]]
-    flat_names = iter(_unique_names([name for name, is_flat in zip(names, flat) if is_flat]))
-    paths = []
-    for name, is_flat, split, cls in zip(names, flat, manifest["split"], manifest["class"]):
-        folder = f"{IMAGES_DIR}/{split}" if is_flat else f"{IMAGES_DIR}/{split}/{cls}"
-        paths.append(f"{folder}/{next(flat_names) if is_flat else name}")
-    return paths
+    """Each image's path: its split's folder (flat for unlabeled pseudolabel images, else per class), under a name
+    no other image of that folder has (merged class folders and the flat folder can repeat names)."""
+    flat = (manifest["split"] == "pseudolabel") & (not keep_pseudo_labels)
+    folders = [f"{IMAGES_DIR}/{split}" if is_flat else f"{IMAGES_DIR}/{split}/{cls}"
+               for split, cls, is_flat in zip(manifest["split"], manifest["class"], flat)]
+    names = pd.Series([Path(source).name for source in manifest["source"]], index=manifest.index)
+    for folder, members in pd.Series(folders, index=manifest.index).groupby(folders).groups.items():
+        names[members] = _unique_names(names[members].tolist())
+    return [f"{folder}/{name}" for folder, name in zip(folders, names)]
 
 
 def _unique_names(names: list[str]) -> list[str]:
@@ -320,136 +357,29 @@ def _reshape(pixels: np.ndarray, square: bool, size: int | None) -> Image.Image:
     return image
 
 
-# ---------------------------------------------------------------- COCO boxes -> crops
+# ---------------------------------------------------------------- class mappings
 
 
-@dataclass
-class CropReport:
-    crops: list[dict] = field(default_factory=list)  # rows of the crop manifest (CROP_COLUMNS)
-    skipped: dict[str, int] = field(default_factory=dict)
-    per_class: dict[str, int] = field(default_factory=dict)
+def read_mapping(mapping: str | Path, names, source: str | Path) -> dict[str, str | None]:
+    """Source name (case-folded) -> class, or None where the mapping drops that name.
 
-    @property
-    def written(self) -> int:
-        return len(self.crops)
-
-    def skip(self, reason: str, count: int = 1) -> None:
-        self.skipped[reason] = self.skipped.get(reason, 0) + count
-
-    def summary(self) -> str:
-        classes = ", ".join(f"{cls} {n}" for cls, n in sorted(self.per_class.items()))
-        reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(self.skipped.items()))
-        skipped = sum(self.skipped.values())
-        return f"wrote {self.written} crops ({classes or 'none'}); skipped {skipped} ({reasons or 'none'})"
-
-
-def crop_coco(
-    annotations: str | Path, images: str | Path, dst: str | Path, *, square: bool = False,
-    zoom: float = 1.0, mapping: str | Path = "detectwaste", split: str = "train", overwrite: bool = False,
-) -> CropReport:
-    """Crop every mapped COCO box into `dst/images_square/<split>/<class>/<stem>_<annotation id><ext>`.
-
-    Lists the crops in `dst/manifest-crop-<split>.csv`, what `overwrite` may remove, and records the crop geometry
-    in `dst/crop_geometry.json`, where `predict --boxes` finds it.
+    `mapping`: "detectwaste" (the built-in TACO -> detect-waste table), "none" (every name is its own class), or a
+    JSON file {name: class or null}: it merges names by giving them one class and drops a name mapped to null.
+    `names`: the names the input has (for "none"); `source`: the input, named in errors about "none".
     """
-    annotations, images, dst = Path(annotations), Path(images), Path(dst)
-    if split not in COCO_SPLITS:
-        raise UserInputError(f"split must be one of {', '.join(COCO_SPLITS)}, got {split!r}")
-    geometry = CropGeometry(square=square, zoom=zoom)
-    if not images.is_dir():
-        raise UserInputError(f"image folder not found: {images}")
-    images_by_id, category_names, coco_annotations = _load_coco(annotations)
-    class_of = _resolve_mapping(mapping, category_names.values(), annotations)
-    out_dir = dst / IMAGES_DIR / split
-    _refuse_overlap(images, out_dir, output_inside_source_ok=True)
-    _claim_outputs(out_dir, crop_manifest(dst, split), overwrite)
-
-    report = CropReport()
-    boxes_by_image = defaultdict(list)
-    for annotation in coco_annotations:
-        name = category_names.get(annotation.get("category_id"))
-        cls = None if name is None else class_of.get(str(name).casefold())
-        if cls is None:
-            report.skip("unmapped")
-        elif annotation.get("image_id") not in images_by_id:
-            report.skip("unknown_image_id")
-        else:
-            boxes_by_image[annotation["image_id"]].append((annotation, cls))
-    for image_id, boxes in boxes_by_image.items():
-        flat = split == "pseudolabel"
-        _crop_image(images, images_by_id[image_id], boxes, out_dir, flat, geometry, report)
-    crops = pd.DataFrame(report.crops, columns=list(CROP_COLUMNS))
-    crops["path"] = [Path(path).relative_to(dst).as_posix() for path in crops["path"]]
-    crops.assign(split=split).to_csv(crop_manifest(dst, split), index=False)
-    record_geometry(dst, split, geometry)
-    if report.skipped:
-        skipped = sum(report.skipped.values())
-        log.warning("skipped %d annotation(s) from %s: %s", skipped, annotations, report.skipped)
-    log.info("%s", report.summary())
-    return report
-
-
-def _load_coco(path: Path) -> tuple[dict, dict, list[dict]]:
-    coco = load_json(path, "annotation file")
-    try:
-        images_by_id = {image["id"]: image for image in coco["images"] if image["file_name"]}
-        category_names = {category["id"]: category["name"] for category in coco["categories"]}
-        return images_by_id, category_names, list(coco["annotations"])
-    except (KeyError, TypeError) as error:
-        raise UserInputError(f"{path} is not a COCO detection file (missing {error})") from error
-
-
-def _resolve_mapping(mapping: str | Path, category_names, annotations: Path) -> dict[str, str]:
-    """Category name (case-folded) -> class."""
     if mapping == "detectwaste":
-        pairs, source = DETECTWASTE_MAPPING, "built-in mapping"
+        pairs, where = DETECTWASTE_MAPPING, "built-in mapping"
     elif mapping == "none":
-        pairs, source = {name: name for name in category_names}, annotations
+        pairs, where = {name: name for name in names}, source
     else:
-        pairs, source = load_json(Path(mapping), "mapping file"), mapping
+        pairs, where = load_json(Path(mapping), "mapping file"), mapping
         if not isinstance(pairs, dict):
-            raise UserInputError(f"mapping file {mapping} must hold a JSON object: category name -> class")
-    folded: dict[str, str] = {}
+            raise UserInputError(f"mapping file {mapping} must hold a JSON object: name -> class (or null to drop)")
+    folded: dict[str, str | None] = {}
     for name, cls in pairs.items():
-        if not isinstance(cls, str) or not cls.strip() or cls.startswith(".") or "/" in cls or "\\" in cls:
-            raise UserInputError(f"{source}: {cls!r} cannot be used as a class folder name")
+        if cls is not None and (not isinstance(cls, str) or not cls.strip() or cls.startswith(".") or "/" in cls
+                                or "\\" in cls):
+            raise UserInputError(f"{where}: {cls!r} cannot be used as a class folder name")
         if folded.setdefault(str(name).casefold(), cls) != cls:
-            raise UserInputError(f"{source}: category {name!r} is mapped to two classes (names differ in case)")
+            raise UserInputError(f"{where}: {name!r} is mapped to two classes (names differ in case)")
     return folded
-
-
-def _crop_image(images: Path, image: dict, boxes: list[tuple[dict, str]], out_dir: Path, flat: bool,
-                geometry: CropGeometry, report: CropReport) -> None:
-    path = images / image["file_name"]
-    if not path.is_file():
-        report.skip("missing_image", len(boxes))
-        return
-    try:
-        pixels = load_rgb(path)
-    except UserInputError:
-        report.skip("unreadable_image", len(boxes))
-        return
-    height, width = pixels.shape[:2]
-    # Boxes drawn on another orientation or resolution than the upright image would crop
-    # the wrong pixels without any error, so such images are skipped instead.
-    if image.get("width", width) != width or image.get("height", height) != height:
-        report.skip("image_size_mismatch", len(boxes))
-        return
-    # A crop must be findable by the training data scan, so odd formats are stored as PNG.
-    suffix = path.suffix if path.suffix.lower() in IMAGE_EXTENSIONS else ".png"
-    for annotation, cls in boxes:
-        bbox = valid_xywh(annotation.get("bbox"))
-        crop = geometry.crop(pixels, bbox) if bbox else None
-        if bbox is None or crop is None:
-            report.skip("invalid_box" if bbox is None else "outside_image")
-            continue
-        target = (out_dir if flat else out_dir / cls) / f"{path.stem}_{annotation.get('id')}{suffix}"
-        if target.exists():  # a repeated annotation id must not replace an earlier crop
-            report.skip("duplicate_annotation_id")
-            continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        _save_image(Image.fromarray(crop), target)
-        report.crops.append({"source": str(path.absolute()), "annotation_id": annotation.get("id"), "class": cls,
-                             "path": target})
-        report.per_class[cls] = report.per_class.get(cls, 0) + 1
-

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from detect_waste_cls.data.boxes import read_boxes
-from detect_waste_cls.data.crops import CropGeometry
+from detect_waste_cls.data.crops import BACKGROUND_MAX_IOU, CropGeometry, iou
 from detect_waste_cls.data.images import load_rgb, scan_images
 from detect_waste_cls.data.transforms import EvalPreset
 from detect_waste_cls.models.backbones import create_backbone, get_backbone
@@ -32,7 +32,6 @@ MODELS = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
 GEOMETRY = CropGeometry(square=True, zoom=1.2)
 MAPPING_FILE = Path(__file__).parent / "configs" / "trashnet_to_aquatrash.json"
 BACKGROUND_PER_PHOTO = 2
-BACKGROUND_MAX_IOU = 0.1
 BATCH = 32
 
 
@@ -47,15 +46,6 @@ def source_images(trashnet: Path, mapping: dict[str, str | None]) -> tuple[list[
             classes.append(target_class)
             names.append(f"{folder.name}/{path.name}")
     return pixels, classes, names
-
-
-def _iou(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> float:
-    ax, ay, aw, ah = a
-    bx, by, bw, bh = b
-    inter_w = max(0.0, min(ax + aw, bx + bw) - max(ax, bx))
-    inter_h = max(0.0, min(ay + ah, by + bh) - max(ay, by))
-    inter = inter_w * inter_h
-    return inter / (aw * ah + bw * bh - inter)
 
 
 def target_crops(aquatrash: Path, seed: int = 0) -> tuple[list[np.ndarray], list[dict], list[np.ndarray], list[dict]]:
@@ -81,7 +71,7 @@ def target_crops(aquatrash: Path, seed: int = 0) -> tuple[list[np.ndarray], list
             if w >= width or h >= height:
                 continue
             box = (float(rng.uniform(0, width - w)), float(rng.uniform(0, height - h)), float(w), float(h))
-            if all(_iou(box, other) < BACKGROUND_MAX_IOU for other in own):
+            if all(iou(box, other) < BACKGROUND_MAX_IOU for other in own):
                 background.append(GEOMETRY.crop(pixels, box))
                 background_rows.append({"photo": file_name, "bbox": list(box)})
                 placed += 1
